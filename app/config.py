@@ -1,0 +1,257 @@
+"""Typed run configuration: defaults, YAML loading, dotted overrides and validation.
+
+Defaults are the paper's real run (P-Former stage 0 with bert-base-uncased and OPT-2.7B on 8 GPUs);
+YAML files hold only deviations. Every problem (unknown key, wrong type, impossible value, missing
+path) raises `ConfigError` with a message that names the key, before any Ray resource is used.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGES = ("pformer", "qformer", "llm")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    name: str = Field("pformer-stage0", min_length=1, description="Run name; relaunching a name resumes it.")
+    storage_path: str = Field("./checkpoints", min_length=1, description="Local dir or s3:// URI for checkpoints.")
+    seed: int = 42
+
+
+class StorageSection(_Section):
+    # Credentials never live here: they come from the standard AWS environment or the instance profile.
+    s3_endpoint: Optional[str] = Field(None, description="S3 endpoint URL (default: AWS_ENDPOINT_URL[_S3] or AWS).")
+    s3_region: Optional[str] = Field(None, description="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION).")
+
+
+class MlflowSection(_Section):
+    tracking_uri: str = Field("sqlite:///mlflow.db", min_length=1)
+    experiment: str = Field("pformer", min_length=1)
+
+
+class ScalingSection(_Section):
+    num_workers: int = Field(8, ge=1)
+    use_gpu: bool = True
+    cpus_per_worker: float = Field(1.0, gt=0)
+    # Logical CPUs of a Ray instance started locally. More than the physical count on purpose: on a
+    # 2-core machine the trainer would otherwise take every CPU and starve Ray Data.
+    local_num_cpus: int = Field(8, ge=1)
+
+
+class TrainSection(_Section):
+    # ~5 epochs of 12M captions at a global batch of 1024 (8 GPUs x 128).
+    max_steps: int = Field(60_000, gt=0)
+    epochs: int = Field(5, gt=0, description="Upper bound on passes over the data; max_steps usually ends first.")
+    batch_size_per_worker: int = Field(128, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    warmup_lr: float = Field(1e-6, ge=0)
+    warmup_steps: int = Field(2000, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip_norm: Optional[float] = Field(None, gt=0, description="None = no clipping (as the reference).")
+    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Autocast dtype on GPU; CPU runs fp32.")
+    log_every_steps: int = Field(50, gt=0)
+    checkpoint_every_steps: int = Field(2000, gt=0)
+    num_checkpoints_to_keep: int = Field(2, gt=0)
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1 = forever).")
+
+    @model_validator(mode="after")
+    def _check_lrs(self) -> "TrainSection":
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+        return self
+
+
+class DataSection(_Section):
+    text: Optional[str] = Field(None, description="Text corpus: local file, folder, glob, or s3:// prefix.")
+    text_format: Literal["auto", "txt", "tsv", "csv", "jsonl", "parquet"] = "auto"
+    text_column: str = Field("caption", min_length=1, description="Column/field holding the text (tsv/csv/jsonl/parquet).")
+    max_chars: int = Field(1000, gt=0, description="Cleaned texts are cut to this many characters.")
+    max_txt_len: int = Field(32, gt=1, description="Token budget per caption for every tokenizer.")
+    shuffle_buffer_rows: int = Field(10_000, ge=0, description="Local shuffle buffer of the training iterator.")
+    prefetch_batches: int = Field(4, ge=1)
+
+
+class ModelSection(_Section):
+    pformer: str = Field("bert-base-uncased", description="HF id or path of the P-Former's BERT encoder.")
+    llm: str = Field("facebook/opt-2.7b", description="HF id or path of the frozen LLM (OPT-style or T5-style).")
+    num_query_tokens: int = Field(32, gt=0, description="Q: prompt length, independent of data.max_txt_len.")
+    llm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Frozen LLM weights dtype; auto = bfloat16 on GPU, float32 on CPU.")
+    contrastive_dim: int = Field(256, gt=0)
+    temp_init: float = Field(0.07, gt=0)
+
+
+class LossSection(_Section):
+    lm_weight: float = Field(1.0, ge=0)
+    contrastive_weight: float = Field(1.0, ge=0)
+    vocab_weight: Optional[float] = Field(
+        None, ge=0, description="None = as the reference: 1 for decoder-only LLMs, 0 for encoder-decoder ones.")
+    contrastive_views: Literal[1, 2] = Field(1, description="1 = reference (one forward), 2 = SimCSE-style views.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    mask_prob: float = Field(0.25, ge=0, lt=1, description="P-Former input masking (decoder-only LLMs only).")
+
+
+class Config(_Section):
+    stage: Literal["pformer", "qformer", "llm"] = "pformer"
+    run: RunSection = RunSection()
+    storage: StorageSection = StorageSection()
+    mlflow: MlflowSection = MlflowSection()
+    scaling: ScalingSection = ScalingSection()
+    train: TrainSection = TrainSection()
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    loss: LossSection = LossSection()
+
+    def flat(self) -> dict[str, Any]:
+        """The resolved config as `{dotted.key: value}` (MLflow params, summaries)."""
+        return flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_keys(raw: Any, model: type[BaseModel], prefix: str = "") -> None:
+    """Reject unknown keys with the dotted name and a suggestion, before pydantic sees them."""
+    if not isinstance(raw, dict):
+        where = prefix.rstrip(".") or "the config"
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(raw).__name__} ({raw!r})")
+    fields = model.model_fields
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            known = [f"{prefix}{name}" for name in fields]
+            raise ConfigError(f"unknown config key '{dotted}'{_suggest(dotted, known)}")
+        annotation = fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            _check_keys(value, annotation, dotted + ".")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value parsed as YAML, so 10, 1e-4, true, [1, 2] get their types)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    model: type[BaseModel] = Config
+    for depth, part in enumerate(parts):
+        dotted = ".".join(parts[: depth + 1])
+        fields = model.model_fields
+        if part not in fields:
+            known = [".".join(parts[:depth] + [name]) for name in fields]
+            raise ConfigError(f"unknown config key '{key}'{_suggest(dotted, known)}")
+        annotation = fields[part].annotation
+        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if depth == len(parts) - 1:
+            if is_section:
+                raise ConfigError(f"'{key}' is a section; set one of its keys, e.g. '{key}.{next(iter(annotation.model_fields))}=...'")
+            node[part] = value
+            return
+        if not is_section:
+            raise ConfigError(f"unknown config key '{key}': '{dotted}' is a value, not a section")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"'{dotted}' must be a mapping")
+        model = annotation
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int)) or "config"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}{shown}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
+    """Validate a raw mapping plus dotted overrides into a `Config`."""
+    tree: dict[str, Any] = dict(raw or {})
+    _check_keys(tree, Config)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (deviations from the defaults) and apply `dotted.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+    return build_config(raw, overrides)
+
+
+def tiny_config(**sections: dict[str, Any]) -> Config:
+    """A preset small enough for CPU tests: one worker, no GPU, few steps; sections override it."""
+    raw: dict[str, Any] = {
+        "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1, "local_num_cpus": 8},
+        "train": {"max_steps": 20, "batch_size_per_worker": 16, "warmup_steps": 5, "lr": 1e-3,
+                  "min_lr": 1e-4, "log_every_steps": 5, "checkpoint_every_steps": 10,
+                  "grad_clip_norm": 1.0, "precision": "fp32"},
+        "model": {"num_query_tokens": 4, "contrastive_dim": 32},
+        "data": {"max_txt_len": 24, "shuffle_buffer_rows": 256},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return build_config(raw)

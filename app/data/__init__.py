@@ -1,0 +1,1 @@
+"""Data pipelines: corpora and shards read with Ray Data, cleaned, tokenized, streamed to trainers."""

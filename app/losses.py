@@ -1,0 +1,60 @@
+"""Loss functions: pure functions of tensors, one per named loss term.
+
+Every stage returns a dict of these by name (`lm_loss`, `contrastive_loss`, `vocab_loss`, ...);
+the training loop logs each term separately.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> torch.Tensor:
+    """Mean token cross-entropy over positions whose label is not IGNORE_INDEX.
+
+    shift=True for decoder-only models (logits at t predict labels at t+1); shift=False when the
+    logits are already aligned with the labels (encoder-decoder, teacher forcing).
+    """
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def contrastive_loss(features: torch.Tensor, all_features: torch.Tensor, temp: torch.Tensor,
+                     offset: int = 0, label_smoothing: float = 0.1) -> torch.Tensor:
+    """InfoNCE of `features` (B, C) against `all_features` (N, C), e.g. gathered from every worker.
+
+    The positive for row i is column `offset + i` (offset = rank * B when gathered). With
+    all_features built from the same forward pass this is the reference P-Former's single-view loss
+    (a uniformity regulariser); with a second view it is SimCSE.
+    """
+    sim = features.float() @ all_features.float().t() / temp  # (B, N)
+    targets = torch.arange(features.shape[0], device=features.device) + offset
+    return F.cross_entropy(sim, targets, label_smoothing=label_smoothing)
+
+
+@torch.no_grad()
+def nearest_rows(vectors: torch.Tensor, table: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Index of the nearest (L2) row of `table` (V, D) for each of `vectors` (..., D)."""
+    flat = vectors.reshape(-1, vectors.shape[-1]).to(table.dtype)
+    table_sq = torch.linalg.vector_norm(table, dim=-1, dtype=torch.float32) ** 2  # (V,)
+    out = []
+    for start in range(0, flat.shape[0], chunk):
+        part = flat[start:start + chunk]
+        # |x - e|^2 = |x|^2 - 2 x.e + |e|^2; |x|^2 is the same for every e. The matmul stays in the
+        # table's dtype (no fp32 copy of a 50k x 2560 table every step).
+        out.append((table_sq[None, :] - 2.0 * (part @ table.t()).float()).argmin(-1))
+    return torch.cat(out).view(vectors.shape[:-1])
+
+
+def vocab_loss(prompts: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """MSE between each prompt vector (B, Q, D) and its nearest frozen input-embedding row (V, D).
+
+    The target is detached: only the prompts move toward the vocabulary manifold.
+    """
+    target = embeddings[nearest_rows(prompts, embeddings)].detach()  # (B, Q, D)
+    return F.mse_loss(prompts.float(), target.float())

@@ -1,0 +1,1 @@
+"""Model building blocks: P-Former, frozen LLM, and the composites each stage trains."""

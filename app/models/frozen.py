@@ -1,0 +1,35 @@
+"""Freezing frozen parts, and a composite base class that keeps them in eval mode."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """No gradients, eval mode (no dropout). Composites keep it that way through `.train()`."""
+    module.requires_grad_(False)
+    module.eval()
+    return module
+
+
+class Composite(nn.Module):
+    """A model made of trainable and frozen submodules.
+
+    `trainable_names` are the submodules the optimiser updates (and DDP wraps);
+    `frozen_names` stay frozen and in eval mode even after `.train()`.
+    """
+
+    trainable_names: tuple[str, ...] = ()
+    frozen_names: tuple[str, ...] = ()
+
+    def train(self, mode: bool = True) -> "Composite":
+        super().train(mode)
+        for name in self.frozen_names:
+            getattr(self, name).eval()
+        return self
+
+    def trainable_parameters(self):
+        for name in self.trainable_names:
+            for param in getattr(self, name).parameters():
+                if param.requires_grad:
+                    yield param

@@ -1,0 +1,68 @@
+"""The frozen LLM behind a soft prompt: decoder-only (OPT-style) or encoder-decoder (T5-style).
+
+Loaded by Hugging Face id or local path through the Auto classes, frozen, and kept in eval mode.
+It returns logits; losses live in `app.losses`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
+
+from app.models.frozen import freeze
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, use_gpu: bool) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if use_gpu else torch.float32
+    return DTYPES[name]
+
+
+class FrozenLLM(nn.Module):
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = freeze(model)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype = torch.float32) -> "FrozenLLM":
+        config = AutoConfig.from_pretrained(name_or_path)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        return cls(auto.from_pretrained(name_or_path, dtype=dtype))
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(self.model.config.is_encoder_decoder)
+
+    @property
+    def embedding_matrix(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight  # (V, D)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.embedding_matrix.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding_matrix.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)  # (B, L, D)
+
+    def decoder_logits(self, prompts: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor) -> torch.Tensor:
+        """Decoder-only: logits over `[prompts; embed(input_ids)]`, shape (B, Q + L, V)."""
+        inputs = torch.cat([prompts.to(self.dtype), self.embed(input_ids)], dim=1)  # (B, Q+L, D)
+        mask = torch.cat([attention_mask.new_ones(prompts.shape[:2]), attention_mask], dim=1)
+        return self.model(inputs_embeds=inputs, attention_mask=mask).logits
+
+    def seq2seq_logits(self, prompts: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       labels: torch.Tensor) -> torch.Tensor:
+        """Encoder-decoder: encoder reads `[prompts; embed(input_ids)]`, decoder is teacher-forced on
+        `labels` (-100 = ignored). Returns (B, L_target, V) aligned with `labels` (no shift needed)."""
+        inputs = torch.cat([prompts.to(self.dtype), self.embed(input_ids)], dim=1)  # (B, Q+L, D)
+        mask = torch.cat([attention_mask.new_ones(prompts.shape[:2]), attention_mask], dim=1)
+        decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
+        return self.model(inputs_embeds=inputs, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits

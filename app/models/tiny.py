@@ -1,0 +1,152 @@
+"""Tiny random models and tokenizers trained on a given corpus, saved as ordinary HF folders.
+
+Used by tests, benchmarks and the embedded demo: nothing is downloaded, and the saved folders load
+through exactly the same `from_pretrained` path as `bert-base-uncased` or `facebook/opt-2.7b`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from transformers import (BertConfig, BertModel, BertTokenizerFast, OPTConfig, OPTForCausalLM,
+                          PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration)
+
+READY_FILE = "READY.json"
+
+
+def train_bert_tokenizer(lines: list[str], vocab_size: int) -> BertTokenizerFast:
+    from tokenizers import BertWordPieceTokenizer
+
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=1,
+                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    return BertTokenizerFast(vocab=wp.get_vocab(), do_lower_case=True)
+
+
+def train_llm_tokenizer(lines: list[str], vocab_size: int, kind: str) -> PreTrainedTokenizerFast:
+    """OPT-style: byte-level BPE, `</s>` as BOS/EOS prepended. T5-style: unigram with `</s>` appended."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    if kind == "opt":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        eos = tok.token_to_id("</s>")
+        tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A $B",
+                                                           special_tokens=[("</s>", eos)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>",
+                                       pad_token="<pad>", unk_token="<unk>", padding_side="right")
+    if kind == "t5":
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        tok.train_from_iterator(lines, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                               unk_token="<unk>"))
+        eos = tok.token_to_id("</s>")
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", eos)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
+                                       unk_token="<unk>", padding_side="right")
+    raise ValueError(f"unknown tokenizer kind {kind!r} (opt or t5)")
+
+
+def build_tiny_bert(vocab_size: int, hidden: int = 64, layers: int = 2) -> BertModel:
+    config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=4, intermediate_size=hidden * 2, max_position_embeddings=128)
+    return BertModel(config, add_pooling_layer=False)
+
+
+def build_tiny_opt(tok: PreTrainedTokenizerFast, hidden: int = 64, layers: int = 2) -> OPTForCausalLM:
+    config = OPTConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, ffn_dim=hidden * 4,
+                       num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return OPTForCausalLM(config)
+
+
+def build_tiny_t5(tok: PreTrainedTokenizerFast, d_model: int = 64, layers: int = 2) -> T5ForConditionalGeneration:
+    config = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=d_model // 4, d_ff=d_model * 2, num_layers=layers,
+                      num_decoder_layers=layers, num_heads=4, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    return T5ForConditionalGeneration(config)
+
+
+def pretrain_tiny_lm(model, tok, lines: list[str], steps: int, batch_size: int = 64, lr: float = 3e-3,
+                     max_len: int = 32, seed: int = 0) -> float:
+    """A few hundred language-modelling steps on the corpus, so the frozen tiny LLM is a language model
+    (a random one ignores its prompt). Decoder-only: next token on caption + newline; encoder-decoder:
+    suffix from prefix (the prefix-LM objective) mixed with copying. Returns the last loss."""
+    import random
+
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        texts = rng.sample(lines, min(batch_size, len(lines)))
+        if model.config.is_encoder_decoder:
+            # Half prefix -> suffix, half copy (cut 0: the whole caption in, the whole caption out), so the
+            # model learns to read what its encoder is given, as a real pre-trained T5 does.
+            cuts = [rng.randint(1, max(1, len(t.split()) // 2)) if rng.random() < 0.5 else 0 for t in texts]
+            src = tok([" ".join(t.split()[:c]) if c else t for t, c in zip(texts, cuts)], padding=True, truncation=True,
+                      max_length=max_len, return_tensors="pt")
+            tgt = tok([" ".join(t.split()[c:]) if c else t for t, c in zip(texts, cuts)], padding=True, truncation=True,
+                      max_length=max_len, return_tensors="pt")
+            labels = tgt.input_ids.masked_fill(tgt.attention_mask == 0, -100)
+            loss = model(input_ids=src.input_ids, attention_mask=src.attention_mask, labels=labels).loss
+        else:
+            enc = tok([t + "\n" for t in texts], padding=True, truncation=True, max_length=max_len,
+                      return_tensors="pt")
+            labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+            loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return float(loss.detach())
+
+
+def _fingerprint(lines: list[str], settings: dict) -> str:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for line in lines:
+        digest.update(line.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def prepare_tiny_models(out_dir: str | Path, lines: Iterable[str], *, seed: int = 0, bert_vocab: int = 2000,
+                        llm_vocab: int = 2000, hidden: int = 64, layers: int = 2, lm_steps: int = 300) -> dict[str, str]:
+    """Write `bert/` (random), `opt/` and `t5/` (briefly pre-trained on `lines`) under out_dir, each with
+    its tokenizer. Cached: a second call with the same corpus and settings returns at once."""
+    out = Path(out_dir)
+    lines = [line for line in lines if line.strip()]
+    settings = dict(seed=seed, bert_vocab=bert_vocab, llm_vocab=llm_vocab, hidden=hidden, layers=layers,
+                    lm_steps=lm_steps)
+    paths = {name: str(out / name) for name in ("bert", "opt", "t5")}
+    fingerprint = _fingerprint(lines, settings)
+    ready = out / READY_FILE
+    if ready.exists() and json.loads(ready.read_text()).get("fingerprint") == fingerprint:
+        return paths
+    if out.exists():
+        shutil.rmtree(out)
+    torch.manual_seed(seed)
+    bert_tok = train_bert_tokenizer(lines, bert_vocab)
+    bert_tok.save_pretrained(paths["bert"])
+    build_tiny_bert(len(bert_tok), hidden, layers).save_pretrained(paths["bert"])
+    for kind, build in (("opt", build_tiny_opt), ("t5", build_tiny_t5)):
+        tok = train_llm_tokenizer(lines, llm_vocab, kind)
+        model = build(tok, hidden, layers)
+        if lm_steps:
+            pretrain_tiny_lm(model, tok, lines, lm_steps, seed=seed)
+        tok.save_pretrained(paths[kind])
+        model.save_pretrained(paths[kind])
+    ready.write_text(json.dumps({"fingerprint": fingerprint, **settings}))
+    return paths

@@ -1,0 +1,130 @@
+"""URIs -> pyarrow filesystems: local paths and s3:// (any endpoint), the one storage helper.
+
+Credentials are read by pyarrow/boto3 from the standard AWS environment variables or the instance
+profile; they are never passed through configs, logged, or written to MLflow.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """Where s3:// URIs point. None falls back to the AWS environment variables, then AWS itself."""
+
+    endpoint: Optional[str] = None
+    region: Optional[str] = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "S3Options":
+        return cls(endpoint=cfg.storage.s3_endpoint, region=cfg.storage.s3_region)
+
+    def resolved_endpoint(self) -> Optional[str]:
+        return self.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+    def resolved_region(self) -> str:
+        return self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def s3_filesystem(options: S3Options | None = None) -> pafs.S3FileSystem:
+    options = options or S3Options()
+    kwargs = {"region": options.resolved_region()}
+    endpoint = options.resolved_endpoint()
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str, options: S3Options | None = None) -> tuple[pafs.FileSystem, str]:
+    """Return (filesystem, path inside it). s3://bucket/key -> ("bucket/key"); local -> absolute path."""
+    uri = str(uri)
+    if is_s3(uri):
+        return s3_filesystem(options), uri[len("s3://"):].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    """Inverse of `resolve`: the URI a user can paste into a config."""
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+
+
+def join(uri: str, *parts: str) -> str:
+    uri = str(uri).rstrip("/")
+    return "/".join([uri, *[p.strip("/") for p in parts]])
+
+
+def exists(uri: str, options: S3Options | None = None) -> bool:
+    fs, path = resolve(uri, options)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _has_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def list_files(uri: str, options: S3Options | None = None, extensions: tuple[str, ...] = ()) -> tuple[pafs.FileSystem, list[str]]:
+    """Expand a file, folder, prefix or glob (`data/*.txt`, `s3://b/corpus/part-*`) to sorted file paths.
+
+    Hidden files and files with other extensions (when `extensions` is given) are left out.
+    Raises FileNotFoundError naming the URI when nothing matches.
+    """
+    fs, path = resolve(uri, options)
+    if _has_glob(path):
+        base = path
+        while _has_glob(base):
+            base = base.rsplit("/", 1)[0]
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        files = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            files = [path]
+        elif info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            files = [i.path for i in infos if i.type == pafs.FileType.File]
+        else:
+            raise FileNotFoundError(f"no such file or folder: {uri}")
+    files = [f for f in files if not os.path.basename(f).startswith((".", "_"))]
+    if extensions:
+        files = [f for f in files if f.lower().endswith(extensions)]
+    if not files:
+        wanted = f" with extension {'/'.join(extensions)}" if extensions else ""
+        raise FileNotFoundError(f"no files{wanted} found at {uri}")
+    return fs, sorted(files)
+
+
+def download_dir(uri: str, local_dir: str | os.PathLike, options: S3Options | None = None) -> Path:
+    """Copy a (possibly remote) folder to a local folder; local URIs are returned as they are."""
+    if not is_s3(uri):
+        return Path(resolve(uri)[1])
+    fs, path = resolve(uri, options)
+    local = Path(local_dir)
+    if local.exists():
+        shutil.rmtree(local)
+    local.mkdir(parents=True)
+    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str, options: S3Options | None = None) -> str:
+    fs, path = resolve(uri, options)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return uri

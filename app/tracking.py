@@ -1,0 +1,127 @@
+"""MLflow tracking: one run per stage launch, params = flattened resolved config, per-step metrics.
+
+The driver creates (or, when a run name is resumed, reopens) the MLflow run; only rank 0 of the
+trainer logs metrics to it. Nothing here touches global MLflow state or runs at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+MAX_PARAM_CHARS = 6000
+RUN_NAME_TAG = "ray.run_name"
+STORAGE_TAG = "ray.storage_path"
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """Make a relative sqlite path absolute, so Ray workers in other directories hit the same file."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).expanduser().resolve())
+    return uri
+
+
+def client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def experiment_id(tracking_uri: str, name: str) -> str:
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else c.create_experiment(name)
+
+
+def find_run(tracking_uri: str, experiment: str, run_name: str, storage_path: str) -> Optional[str]:
+    """The latest MLflow run of a Ray run name (to continue its curves when the run resumes)."""
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id],
+                         filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = '{storage_path}'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def start_run(cfg, tags: dict[str, str], parent_run_id: Optional[str] = None,
+              resume_run_id: Optional[str] = None) -> str:
+    """Create (or reopen) the run, log params, tags and the resolved config. Returns the run id."""
+    from mlflow.entities import Param, RunTag
+
+    uri = cfg.mlflow.tracking_uri
+    c = client(uri)
+    if resume_run_id is not None:
+        c.update_run(resume_run_id, status="RUNNING")
+        run_id = resume_run_id
+    else:
+        all_tags = {RUN_NAME_TAG: cfg.run.name, STORAGE_TAG: cfg.run.storage_path, "stage": cfg.stage}
+        commit = git_commit()
+        if commit:
+            all_tags["git_commit"] = commit
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = c.create_run(experiment_id(uri, cfg.mlflow.experiment), run_name=cfg.run.name, tags=all_tags)
+        run_id = run.info.run_id
+        params = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in sorted(cfg.flat().items())]
+        for start in range(0, len(params), 100):
+            c.log_batch(run_id, params=params[start:start + 100])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "config.yaml"
+            path.write_text(cfg.to_yaml())
+            c.log_artifact(run_id, str(path))
+    c.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    return run_id
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+    if batch:
+        client(tracking_uri).log_batch(run_id, metrics=batch)
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    client(tracking_uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_json_artifact(tracking_uri: str, run_id: str, name: str, payload: Any) -> None:
+    import json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(payload, indent=2, default=str))
+        client(tracking_uri).log_artifact(run_id, str(path))
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    client(tracking_uri).set_terminated(run_id, status=status)
+
+
+def ui_command(tracking_uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+

@@ -1,0 +1,113 @@
+"""Checkpoint directories: what every stage writes and how it is read back, strictly.
+
+    model.safetensors     trainable weights, keys "<submodule>.<param>" (frozen parts are not copied)
+    optimizer.pt          optimiser, scheduler and grad-scaler states
+    trainer_state.json    step, epoch, batches consumed in that epoch
+    config.yaml           the resolved run config
+    manifest.json         stage, trainable submodules, URIs of the frozen parts it depends on
+    <stage extras>        e.g. pformer/ (architecture + tokenizer) so later stages need no HF id
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+
+WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, of the wrong stage, or does not match the model."""
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # batches of `epoch` already consumed (mid-epoch resume)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    state = {}
+    for name in model.trainable_names:
+        for key, value in unwrap(getattr(model, name)).state_dict().items():
+            state[f"{name}.{key}"] = value.detach().to("cpu").contiguous()
+    return state
+
+
+def save_checkpoint(directory: str | Path, *, model, optimizer, scheduler, scaler, state: TrainerState,
+                    config_yaml: str, manifest: dict[str, Any]) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state_dict(model), str(directory / WEIGHTS_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None}, directory / OPTIMIZER_FILE)
+    (directory / STATE_FILE).write_text(json.dumps(asdict(state)))
+    (directory / CONFIG_FILE).write_text(config_yaml)
+    full_manifest = {"format": FORMAT_VERSION, "trainable": list(model.trainable_names), "step": state.step,
+                     **manifest}
+    (directory / MANIFEST_FILE).write_text(json.dumps(full_manifest, indent=2))
+    return directory
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a checkpoint of this project (no {MANIFEST_FILE})")
+    return json.loads(path.read_text())
+
+
+def load_submodule(module: torch.nn.Module, directory: str | Path, name: str) -> None:
+    """Load the weights saved for submodule `name` into `module`; any mismatch is an error naming keys."""
+    weights = load_file(str(Path(directory) / WEIGHTS_FILE))
+    prefix = f"{name}."
+    state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    if not state:
+        raise CheckpointError(f"checkpoint {directory} holds no weights for '{name}' "
+                              f"(it has: {sorted({k.split('.')[0] for k in weights})})")
+    try:
+        result = unwrap(module).load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:4])
+        raise CheckpointError(f"checkpoint {directory} does not match '{name}': {detail}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"checkpoint {directory} does not match '{name}': "
+                              f"missing keys {result.missing_keys[:10]}, unexpected keys {result.unexpected_keys[:10]}")
+
+
+def load_trainable(model, directory: str | Path) -> None:
+    for name in model.trainable_names:
+        load_submodule(getattr(model, name), directory, name)
+
+
+def load_training_state(directory: str | Path, optimizer, scheduler, scaler) -> TrainerState:
+    states = torch.load(Path(directory) / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
+    if scaler is not None and states.get("scaler") is not None:
+        scaler.load_state_dict(states["scaler"])
+    return TrainerState(**json.loads((Path(directory) / STATE_FILE).read_text()))
+
+
+def check_stage(directory: str | Path, expected: str, role: Optional[str] = None) -> dict[str, Any]:
+    manifest = read_manifest(directory)
+    if manifest.get("stage") != expected:
+        what = f" for {role}" if role else ""
+        raise CheckpointError(f"{directory} is a '{manifest.get('stage')}' checkpoint; a '{expected}' "
+                              f"checkpoint is needed{what}")
+    return manifest

@@ -1,0 +1,133 @@
+"""Driver side of a stage: validate, open the MLflow run, start or join Ray, fit a TorchTrainer.
+
+All input checks run before any Ray resource is used. A launch whose `run.name` already has
+checkpoints under `run.storage_path` resumes (Ray Train restores its latest checkpoint) and keeps
+logging to the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import pyarrow.fs as pafs
+import ray
+import ray.data
+
+from app import storage, tracking
+from app.config import Config, ConfigError
+from app.data.stats import create_counter, read_counts
+from app.stages import get_stage, looks_local
+
+logger = logging.getLogger(__name__)
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster named by RAY_ADDRESS (set inside `ray job submit`), or start a local instance
+    with more logical CPUs than cores so Ray Data is never starved by the trainer."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    ray.init(num_cpus=cfg.scaling.local_num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Absolute local paths, so Ray workers in other directories see the same files."""
+    cfg = cfg.model_copy(deep=True)
+    if not storage.is_s3(cfg.run.storage_path):
+        cfg.run.storage_path = storage.resolve(cfg.run.storage_path)[1]
+    cfg.mlflow.tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    if cfg.data.text and not storage.is_s3(cfg.data.text):
+        cfg.data.text = storage.resolve(cfg.data.text)[1]
+    for key in ("pformer", "llm"):
+        value = getattr(cfg.model, key)
+        if looks_local(value):
+            setattr(cfg.model, key, storage.resolve(value)[1])
+    return cfg
+
+
+def existing_checkpoints(cfg: Config, s3: storage.S3Options) -> list[str]:
+    fs, root = storage.resolve(storage.join(cfg.run.storage_path, cfg.run.name), s3)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return sorted(i.base_name for i in infos
+                  if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+
+
+def run_stage(cfg: Config, parent_run_id: Optional[str] = None) -> dict[str, Any]:
+    """Train one stage to `train.max_steps`; returns the summary (MLflow run, checkpoint, final losses)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from app.train.loop import train_loop_per_worker
+
+    stage = get_stage(cfg.stage)
+    cfg = resolve_paths(cfg)
+    s3 = storage.S3Options.from_config(cfg)
+    stage.validate(cfg, s3)
+    storage_fs, storage_path = storage.resolve(cfg.run.storage_path, s3)
+    try:
+        resuming = bool(existing_checkpoints(cfg, s3))
+    except OSError as err:
+        raise ConfigError(f"run.storage_path: cannot list {cfg.run.storage_path}: {err}") from None
+
+    resume_run_id = (tracking.find_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.run.name,
+                                       cfg.run.storage_path) if resuming else None)
+    data_tags = {f"data.{k}": v for k, v in cfg.data.model_dump().items()
+                 if k in ("text", "train", "val") and v}
+    run_id = tracking.start_run(cfg, tags=data_tags, parent_run_id=parent_run_id, resume_run_id=resume_run_id)
+    print(f"[{cfg.stage}] run '{cfg.run.name}': MLflow run {run_id} at {cfg.mlflow.tracking_uri}"
+          f"{' (resuming)' if resuming else ''}", flush=True)
+
+    status = "FAILED"
+    try:
+        init_ray(cfg)
+        # One progress line per report comes from the trainer; per-operator bars would drown it.
+        ray.data.DataContext.get_current().enable_operator_progress_bars = False
+        counter = create_counter()
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "counter": counter},
+            scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+            run_config=RunConfig(
+                name=cfg.run.name, storage_path=storage_path,
+                storage_filesystem=storage_fs if storage.is_s3(cfg.run.storage_path) else None,
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_checkpoints_to_keep)),
+            datasets=stage.datasets(cfg, counter, s3),
+        )
+        result = trainer.fit()
+        counts = read_counts(counter)
+        metrics = dict(result.metrics or {})
+        if result.checkpoint is None or not metrics.get("step"):
+            raise RuntimeError(f"no training step ran: the data yielded no full batch of "
+                               f"{cfg.train.batch_size_per_worker} per worker; data counts: {counts or 'none'}")
+        checkpoint_uri = storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path) \
+            if storage.is_s3(cfg.run.storage_path) else result.checkpoint.path
+        tracking.log_metrics(cfg.mlflow.tracking_uri, run_id, {f"data_{k}": v for k, v in counts.items()},
+                             step=int(metrics["step"]))
+        tracking.set_tags(cfg.mlflow.tracking_uri, run_id, {"checkpoint_uri": checkpoint_uri})
+        status = "FINISHED"
+    finally:
+        tracking.end_run(cfg.mlflow.tracking_uri, run_id, status)
+
+    summary = {
+        "stage": cfg.stage,
+        "run_name": cfg.run.name,
+        "mlflow_run_id": run_id,
+        "tracking_uri": cfg.mlflow.tracking_uri,
+        "checkpoint": checkpoint_uri,
+        "step": int(metrics["step"]),
+        "resumed_from_step": int(metrics.get("resumed_from_step", 0)),
+        "metrics": {k: metrics[k] for k in (*stage.loss_keys, "loss") if k in metrics},
+        "throughput": {k: metrics[k] for k in ("samples_per_s", "tokens_per_s") if k in metrics},
+        "data": counts,
+    }
+    tracking.log_json_artifact(cfg.mlflow.tracking_uri, run_id, "summary.json", summary)
+    print(f"[{cfg.stage}] done at step {summary['step']}: {summary['metrics']}; checkpoint {checkpoint_uri}", flush=True)
+    print(f"[{cfg.stage}] browse runs: {tracking.ui_command(cfg.mlflow.tracking_uri)}", flush=True)
+    return summary

@@ -1,0 +1,214 @@
+"""The one training loop, run on every Ray Train worker for every stage.
+
+Per step: batch from the worker's dataset shard -> stage model returns named losses -> backward ->
+clip -> AdamW -> schedule. Every `log_every_steps` the window means of each loss term (averaged over
+workers), lr, samples/s and tokens/s are reported to Ray Train and, on rank 0, to MLflow; every
+`checkpoint_every_steps` (and at the end) rank 0 writes a checkpoint. A restarted run (same name,
+or after a worker failure) resumes from the latest checkpoint, mid-epoch included.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import resource
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+
+from app import storage, tracking
+from app.config import Config
+from app.data.stats import read_counts
+from app.stages import get_stage, trim_padding
+from app.train import dist
+from app.train.checkpoint import TrainerState, load_trainable, load_training_state, save_checkpoint
+from app.train.optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class Window:
+    """Sums of each loss term, samples and tokens since the last report (kept on device)."""
+
+    def __init__(self, keys: list[str], device: torch.device):
+        self.keys = keys
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(self.keys) + 3, device=self.device, dtype=torch.float64)
+        self.start = time.perf_counter()
+
+    def add(self, losses: dict[str, torch.Tensor], samples: int, tokens: int) -> None:
+        values = [losses[k].detach().double() if k in losses else torch.zeros((), device=self.device, dtype=torch.float64)
+                  for k in self.keys]
+        extra = torch.tensor([1.0, samples, tokens], device=self.device, dtype=torch.float64)
+        self.sums += torch.cat([torch.stack(values), extra])
+
+    def reduce(self) -> dict[str, float] | None:
+        """Global means of each term over the window and global throughput; None for an empty window.
+        Every worker must call it (all-reduce)."""
+        sums = dist.all_reduce_sum(self.sums.clone()).tolist()
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        steps, samples, tokens = sums[-3:]
+        if steps == 0:
+            self.reset()
+            return None
+        workers = dist.world_size()
+        out = {k: v / max(steps, 1.0) for k, v in zip(self.keys, sums)}
+        out.update(samples_per_s=samples / elapsed, tokens_per_s=tokens / elapsed,
+                   steps_per_s=steps / workers / elapsed)
+        self.reset()
+        return out
+
+
+def _memory_metrics(device: torch.device) -> dict[str, float]:
+    out = {"cpu_max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device.type == "cuda":
+        out["gpu_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def progress(line: str) -> None:
+    """One line to the job's output (Ray forwards worker stdout to the driver and `ray job logs`)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: (v.long() if v.dtype in (torch.int8, torch.int16, torch.int32) else v).to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    cfg = Config.model_validate(loop_config["config"])
+    run_id: str = loop_config["mlflow_run_id"]
+    counter = loop_config.get("counter")
+    s3 = storage.S3Options.from_config(cfg)
+    stage = get_stage(cfg.stage)
+    rank = ray.train.get_context().get_world_rank()
+    _seed_everything(cfg.run.seed + rank)
+    device = ray.train.torch.get_device()
+    use_cuda = device.type == "cuda"
+
+    # 1. Model, optimiser, schedule; weights and state of the latest checkpoint when resuming.
+    model = stage.build_model(cfg, s3).to(device)
+    optimizer = build_optimizer(model.trainable_parameters(), cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    scaler = torch.amp.GradScaler("cuda") if use_cuda and cfg.train.precision == "fp16" else None
+    state = TrainerState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            load_trainable(model, directory)
+            state = load_training_state(directory, optimizer, scheduler, scaler)
+        if rank == 0:
+            progress(f"[{cfg.stage}] resuming from step {state.step} (epoch {state.epoch}, "
+                     f"batch {state.batches_in_epoch})")
+    resumed_from = state.step
+    for name in model.trainable_names:
+        setattr(model, name, ray.train.torch.prepare_model(getattr(model, name), move_to_device=False))
+    model.train()
+
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    autocast = (torch.autocast("cuda", dtype=autocast_dtype) if use_cuda and autocast_dtype else nullcontext())
+    params = list(model.trainable_parameters())
+    window = Window(list(stage.loss_keys) + ["loss"], device)
+    shard = ray.train.get_dataset_shard("train")
+    last_metrics: dict[str, float] = {}
+    last_saved = -1
+    config_yaml = cfg.to_yaml()
+
+    def report(save: bool) -> None:
+        nonlocal last_metrics, last_saved
+        metrics = window.reduce() or last_metrics  # an empty window (data ran out) repeats the last numbers
+        metrics.update(step=state.step, epoch=state.epoch, lr=scheduler.get_last_lr()[0],
+                       **_memory_metrics(device))
+        last_metrics = dict(metrics)
+        dir_name = f"checkpoint_{state.step:08d}"
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if save and rank == 0:
+                save_checkpoint(tmp, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                state=state, config_yaml=config_yaml, manifest=stage.manifest(cfg))
+                stage.save_extras(model, Path(tmp), cfg, s3)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({**metrics, "resumed_from_step": resumed_from}, checkpoint=ckpt,
+                             checkpoint_dir_name=dir_name if save else None)
+        if save:
+            last_saved = state.step
+        if rank == 0:
+            losses = " ".join(f"{k}={metrics[k]:.4f}" for k in stage.loss_keys if k in metrics)
+            progress(f"[{cfg.stage}] step {state.step}/{cfg.train.max_steps} {losses} lr={metrics['lr']:.2e} "
+                     f"samples/s={metrics.get('samples_per_s', 0.0):.1f} "
+                     f"tokens/s={metrics.get('tokens_per_s', 0.0):.0f}")
+            try:
+                counts = {f"data_{k}": v for k, v in read_counts(counter).items()}
+                tracking.log_metrics(cfg.mlflow.tracking_uri, run_id, {**metrics, **counts}, step=state.step)
+                if save:
+                    tracking.set_tags(cfg.mlflow.tracking_uri, run_id, {
+                        "checkpoint_uri": storage.join(cfg.run.storage_path, cfg.run.name, dir_name)})
+            except Exception as err:  # tracking trouble must not kill a long run
+                logger.warning("MLflow logging failed at step %d: %s", state.step, err)
+
+    # 2. Epochs over the streamed shard until max_steps.
+    while state.epoch < cfg.train.epochs and state.step < cfg.train.max_steps:
+        skip = state.batches_in_epoch
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size_per_worker, drop_last=True,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows or None,
+            local_shuffle_seed=cfg.run.seed + rank + 1000 * state.epoch if cfg.data.shuffle_buffer_rows else None,
+            prefetch_batches=cfg.data.prefetch_batches)
+        finished_epoch = True
+        for index, batch in enumerate(batches):
+            if index < skip:  # mid-epoch resume: these batches were trained on before the restart
+                continue
+            batch = trim_padding(_to_device(batch, device))
+            with autocast:
+                losses = model(batch)
+            if scaler is not None:
+                scaler.scale(losses["loss"]).backward()
+                scaler.unscale_(optimizer)
+            else:
+                losses["loss"].backward()
+            if cfg.train.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state.step += 1
+            state.batches_in_epoch = index + 1
+            window.add(losses, samples=cfg.train.batch_size_per_worker, tokens=stage.count_tokens(batch))
+            if state.step >= cfg.train.max_steps:
+                finished_epoch = False
+                break
+            save = state.step % cfg.train.checkpoint_every_steps == 0
+            if save or state.step % cfg.train.log_every_steps == 0:
+                report(save)
+        if finished_epoch:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+
+    # 3. Final report and checkpoint (also when the data ran out before max_steps).
+    if state.step > 0 and last_saved != state.step:
+        report(save=True)
+    elif state.step == 0:
+        ray.train.report({"step": 0, "resumed_from_step": resumed_from})

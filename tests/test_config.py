@@ -1,0 +1,71 @@
+"""Config loading: paper defaults, dotted overrides, and errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from app.config import Config, ConfigError, build_config, load_config, parse_override
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_papers_stage0_run():
+    cfg = Config()
+    assert cfg.model.num_query_tokens == 32 and cfg.data.max_txt_len == 32
+    assert cfg.model.pformer == "bert-base-uncased" and cfg.model.llm == "facebook/opt-2.7b"
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_lr) == (1e-4, 1e-5, 1e-6)
+    assert cfg.train.warmup_steps == 2000 and cfg.train.weight_decay == 0.05
+    assert cfg.train.batch_size_per_worker == 128 and cfg.train.epochs == 5
+    assert (cfg.loss.lm_weight, cfg.loss.contrastive_weight) == (1.0, 1.0)
+    assert cfg.loss.vocab_weight is None  # the reference's choice per LLM kind (1 decoder-only, 0 T5)
+    assert cfg.loss.label_smoothing == 0.1 and cfg.loss.mask_prob == 0.25 and cfg.loss.contrastive_views == 1
+    assert cfg.model.temp_init == 0.07 and cfg.model.contrastive_dim == 256
+
+
+def test_required_keys_exist():
+    flat = Config().flat()
+    for key in ("run.name", "run.storage_path", "mlflow.tracking_uri", "mlflow.experiment",
+                "scaling.num_workers", "scaling.use_gpu", "train.max_steps", "train.batch_size_per_worker",
+                "data.text", "model.num_query_tokens", "model.llm", "data.text_column"):
+        assert key in flat
+
+
+def test_overrides_are_typed_and_apply():
+    cfg = build_config({"train": {"max_steps": 5}},
+                       ["train.max_steps=7", "train.lr=3e-4", "scaling.use_gpu=false", "train.betas=[0.9, 0.98]",
+                        "run.name=my-run", "model.num_query_tokens=16"])
+    assert cfg.train.max_steps == 7 and cfg.train.lr == 3e-4 and cfg.scaling.use_gpu is False
+    assert cfg.train.betas == (0.9, 0.98) and cfg.run.name == "my-run" and cfg.model.num_query_tokens == 16
+    assert parse_override("data.text=s3://b/x=y") == ("data.text", "s3://b/x=y")
+
+
+@pytest.mark.parametrize("raw, overrides, message", [
+    ({"train": {"max_step": 5}}, [], "unknown config key 'train.max_step' (did you mean 'train.max_steps'?)"),
+    ({"trian": {}}, [], "unknown config key 'trian' (did you mean 'train'?)"),
+    ({}, ["model.num_query_token=4"], "unknown config key 'model.num_query_token'"),
+    ({}, ["train.max_steps=abc"], "train.max_steps: Input should be a valid integer"),
+    ({}, ["train.max_steps=-3"], "train.max_steps: Input should be greater than 0"),
+    ({}, ["scaling.num_workers=0"], "scaling.num_workers"),
+    ({}, ["loss.contrastive_views=3"], "loss.contrastive_views"),
+    ({}, ["train.min_lr=1e-2"], "train.min_lr (0.01) must not exceed train.lr"),
+    ({}, ["train=5"], "'train' is a section"),
+    ({}, ["train.max_steps.x=5"], "'train.max_steps' is a value, not a section"),
+    ({}, ["noequals"], "not of the form dotted.key=value"),
+    ({"train": 5}, [], "train: expected a mapping"),
+])
+def test_bad_configs_name_the_key(raw, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(raw, overrides)
+    assert message in str(err.value)
+
+
+def test_config_files_load(tmp_path):
+    for path in [*ROOT.glob("configs/*.yaml"), *ROOT.glob("configs/tiny/*.yaml")]:
+        cfg = load_config(path)
+        assert cfg.stage == "pformer", path
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  llm: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
