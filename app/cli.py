@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 from app.config import Config, ConfigError, load_config
 from app.train.checkpoint import CheckpointError
+from app.train.launcher import DataError
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -30,7 +31,7 @@ def run_job(description: str, stage: str, run: Callable[[Config], dict], argv: O
         if cfg.stage != stage:
             raise ConfigError(f"stage: this job trains stage '{stage}', the config says '{cfg.stage}'")
         summary = run(cfg)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.summary:

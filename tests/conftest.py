@@ -34,11 +34,12 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory, shared_data) -> dict[str, str]:
-    """Tiny BERT / OPT / T5 with tokenizers trained on 20k real COCO captions."""
+def tiny_models(shared_data) -> dict[str, str]:
+    """Tiny BERT / OPT / T5 with tokenizers trained on 20k real COCO captions (cached across runs)."""
     from app.models.tiny import prepare_tiny_models
 
-    return prepare_tiny_models(tmp_path_factory.mktemp("tiny_models"), coco_captions(20_000))
+    cache = Path(os.environ.get("PFORMER_TEST_CACHE", Path.home() / ".cache" / "pformer-tests")) / "tiny_models"
+    return prepare_tiny_models(cache, coco_captions(20_000))
 
 
 @pytest.fixture(scope="session")

@@ -77,6 +77,10 @@ def test_zero_weights_skip_terms(tiny_models):
     _, model = _model(tiny_models, "opt", contrastive_weight=0.0, vocab_weight=0.0)
     out = model(_batch(tiny_models, "opt"))
     assert set(out) == {"lm_loss", "loss"} and out["loss"].item() == pytest.approx(out["lm_loss"].item())
+    # unused heads are frozen, so DDP never waits for a gradient that cannot come
+    assert not model.pformer.text_proj.weight.requires_grad and not model.pformer.temp.requires_grad
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.trainable_parameters())
 
 
 def test_checkpoint_round_trip_and_strict_mismatch(tiny_models, tmp_path):

@@ -29,9 +29,9 @@ def create_counter() -> "ray.actor.ActorHandle":
 
 
 def report_counts(counter: Optional["ray.actor.ActorHandle"], counts: dict[str, int]) -> None:
-    """Fire-and-forget: data tasks never wait on bookkeeping."""
+    """Waits for the actor (one round trip per batch of ~1k rows), so counts are complete once a batch is out."""
     if counter is not None and counts:
-        counter.add.remote(dict(counts))
+        ray.get(counter.add.remote(dict(counts)))
 
 
 def read_counts(counter: Optional["ray.actor.ActorHandle"], timeout_s: float = 10.0) -> dict[str, int]:

@@ -122,8 +122,8 @@ def parse_rows(raw_lines: Iterable[bytes], fmt: str, column: str, path: str = ""
 
         if fmt == "tsv":
             reader = (line.split("\t") for line in decoded())
-        else:
-            reader = csv.reader(decoded())
+        else:  # the csv module needs the line ends back to keep newlines inside quoted fields
+            reader = csv.reader(line + "\n" for line in decoded())
         header = next(reader, None)
         index = header.index(column) if header and column in header else None
         if header is not None and index is None:
@@ -180,7 +180,7 @@ def read_corpus(uri: str, *, fmt: str = "auto", column: str = "caption",
     parts = []
     for found, paths in sorted(by_format.items()):
         if found == "parquet":
-            ds = ray.data.read_parquet(paths, filesystem=fs, columns=[column], shuffle=shuffle)
+            ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle).select_columns([column])
             parts.append(ds.map_batches(_parquet_to_rows, fn_kwargs={"column": column}, batch_format="pyarrow"))
         else:
             parts.append(ray.data.read_datasource(CorpusDatasource(paths, fmt=found, column=column,

@@ -36,6 +36,11 @@ class PFormerLM(Composite):
         self.weights = weights
         self.mask_token_id = mask_token_id
         self.protected_ids = protected_ids
+        # Heads whose loss is switched off get no gradient; freezing them keeps DDP's reducer consistent
+        # (every trainable parameter must receive a gradient each step) and the optimiser from decaying them.
+        if weights.contrastive_weight == 0:
+            pformer.text_proj.requires_grad_(False)
+            pformer.temp.requires_grad_(False)
 
     def _pformer_inputs(self, ids: torch.Tensor) -> torch.Tensor:
         # The reference masks only for decoder-only LLMs, where the full caption is the target.

@@ -17,6 +17,7 @@ from transformers import (BertConfig, BertModel, BertTokenizerFast, OPTConfig, O
                           PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration)
 
 READY_FILE = "READY.json"
+RECIPE_VERSION = 2  # bump when the recipe below changes, so cached folders are rebuilt
 
 
 def train_bert_tokenizer(lines: list[str], vocab_size: int) -> BertTokenizerFast:
@@ -93,8 +94,8 @@ def pretrain_tiny_lm(model, tok, lines: list[str], steps: int, batch_size: int =
     for _ in range(steps):
         texts = rng.sample(lines, min(batch_size, len(lines)))
         if model.config.is_encoder_decoder:
-            # Half prefix -> suffix, half copy (cut 0: the whole caption in, the whole caption out), so the
-            # model learns to read what its encoder is given, as a real pre-trained T5 does.
+            # Half copying (cut 0: the whole caption in and out), half prefix -> suffix: a tiny T5 must learn to
+            # read what its encoder is given, which a real pre-trained T5 does well.
             cuts = [rng.randint(1, max(1, len(t.split()) // 2)) if rng.random() < 0.5 else 0 for t in texts]
             src = tok([" ".join(t.split()[:c]) if c else t for t, c in zip(texts, cuts)], padding=True, truncation=True,
                       max_length=max_len, return_tensors="pt")
@@ -123,12 +124,15 @@ def _fingerprint(lines: list[str], settings: dict) -> str:
 
 
 def prepare_tiny_models(out_dir: str | Path, lines: Iterable[str], *, seed: int = 0, bert_vocab: int = 2000,
-                        llm_vocab: int = 2000, hidden: int = 64, layers: int = 2, lm_steps: int = 300) -> dict[str, str]:
+                        llm_vocab: int = 2000, hidden: int = 64, layers: int = 2,
+                        lm_steps: dict[str, int] | None = None) -> dict[str, str]:
     """Write `bert/` (random), `opt/` and `t5/` (briefly pre-trained on `lines`) under out_dir, each with
     its tokenizer. Cached: a second call with the same corpus and settings returns at once."""
     out = Path(out_dir)
     lines = [line for line in lines if line.strip()]
-    settings = dict(seed=seed, bert_vocab=bert_vocab, llm_vocab=llm_vocab, hidden=hidden, layers=layers,
+    # The encoder-decoder needs more steps: only once it can copy does a soft prompt carry information.
+    lm_steps = {"opt": 300, "t5": 1500} if lm_steps is None else lm_steps
+    settings = dict(recipe=RECIPE_VERSION, seed=seed, bert_vocab=bert_vocab, llm_vocab=llm_vocab, hidden=hidden, layers=layers,
                     lm_steps=lm_steps)
     paths = {name: str(out / name) for name in ("bert", "opt", "t5")}
     fingerprint = _fingerprint(lines, settings)
@@ -144,8 +148,8 @@ def prepare_tiny_models(out_dir: str | Path, lines: Iterable[str], *, seed: int 
     for kind, build in (("opt", build_tiny_opt), ("t5", build_tiny_t5)):
         tok = train_llm_tokenizer(lines, llm_vocab, kind)
         model = build(tok, hidden, layers)
-        if lm_steps:
-            pretrain_tiny_lm(model, tok, lines, lm_steps, seed=seed)
+        if lm_steps.get(kind):
+            pretrain_tiny_lm(model, tok, lines, lm_steps[kind], seed=seed)
         tok.save_pretrained(paths[kind])
         model.save_pretrained(paths[kind])
     ready.write_text(json.dumps({"fingerprint": fingerprint, **settings}))

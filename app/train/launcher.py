@@ -23,6 +23,10 @@ from app.stages import get_stage, looks_local
 logger = logging.getLogger(__name__)
 
 
+class DataError(ValueError):
+    """The data produced nothing to train on (every row skipped, or fewer rows than one batch)."""
+
+
 def init_ray(cfg: Config) -> None:
     """Join the cluster named by RAY_ADDRESS (set inside `ray job submit`), or start a local instance
     with more logical CPUs than cores so Ray Data is never starved by the trainer."""
@@ -104,8 +108,8 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None) -> dict[str, Any
         counts = read_counts(counter)
         metrics = dict(result.metrics or {})
         if result.checkpoint is None or not metrics.get("step"):
-            raise RuntimeError(f"no training step ran: the data yielded no full batch of "
-                               f"{cfg.train.batch_size_per_worker} per worker; data counts: {counts or 'none'}")
+            raise DataError(f"no training step ran: {cfg.data.text or 'the data'} yielded no full batch of "
+                            f"{cfg.train.batch_size_per_worker} per worker; data counts: {counts or 'none'}")
         checkpoint_uri = storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path) \
             if storage.is_s3(cfg.run.storage_path) else result.checkpoint.path
         tracking.log_metrics(cfg.mlflow.tracking_uri, run_id, {f"data_{k}": v for k, v in counts.items()},

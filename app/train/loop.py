@@ -41,6 +41,7 @@ class Window:
     def __init__(self, keys: list[str], device: torch.device):
         self.keys = keys
         self.device = device
+        self.seen: set[str] = set()
         self.reset()
 
     def reset(self) -> None:
@@ -48,6 +49,7 @@ class Window:
         self.start = time.perf_counter()
 
     def add(self, losses: dict[str, torch.Tensor], samples: int, tokens: int) -> None:
+        self.seen.update(k for k in self.keys if k in losses)
         values = [losses[k].detach().double() if k in losses else torch.zeros((), device=self.device, dtype=torch.float64)
                   for k in self.keys]
         extra = torch.tensor([1.0, samples, tokens], device=self.device, dtype=torch.float64)
@@ -63,7 +65,7 @@ class Window:
             self.reset()
             return None
         workers = dist.world_size()
-        out = {k: v / max(steps, 1.0) for k, v in zip(self.keys, sums)}
+        out = {k: v / steps for k, v in zip(self.keys, sums) if k in self.seen}  # terms with weight 0 are absent
         out.update(samples_per_s=samples / elapsed, tokens_per_s=tokens / elapsed,
                    steps_per_s=steps / workers / elapsed)
         self.reset()
