@@ -192,7 +192,8 @@ def test_corpus_with_nothing_usable_is_a_clear_error(ray_session, tmp_path, tiny
 
     corpus = tmp_path / "bad.txt"
     corpus.write_bytes(b"\xff\xfe\n   \n\xc3\x28\n\n")
-    cfg = load_config(STAGE0, overrides(tmp_path, tiny_models, mlflow_uri, **{"data.text": corpus, "run.name": "bad"}))
+    cfg = load_config(STAGE0, overrides(tmp_path, tiny_models, mlflow_uri, **{
+        "data.text": corpus, "run.name": "bad", "train.epochs": 1}))  # counts cover every pass; one pass here
     with pytest.raises(DataError, match=r"no training step ran.*'skipped_undecodable': 2"):
         run_stage(cfg)
     run = mlflow_client(mlflow_uri).search_runs(

@@ -252,9 +252,7 @@ def preprocess_text_batch(batch: dict[str, np.ndarray], *, pformer_tokenizer: st
     report_counts(counter, counts)
 
     if not texts:
-        keys = ["pformer", "llm"] + (["llm_target"] if llm_is_encoder_decoder else [])
-        return {f"{k}_{s}": np.zeros((0, max_txt_len), dtype=np.int32 if s == "ids" else np.int8)
-                for k in keys for s in ("ids", "mask")}
+        return {}  # an empty batch (Ray Data drops it); zero-row arrays would be pickled as objects
 
     out = _tokenize(load_tokenizer(pformer_tokenizer), texts, max_txt_len, "pformer")
     llm_tok = load_tokenizer(llm_tokenizer)
