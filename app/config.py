@@ -50,6 +50,10 @@ class ScalingSection(_Section):
     # Logical CPUs of a Ray instance started locally. More than the physical count on purpose: on a
     # 2-core machine the trainer would otherwise take every CPU and starve Ray Data.
     local_num_cpus: int = Field(8, ge=1)
+    # CPU slots Ray Data may use for the training stream. None: no limit on a cluster; on a Ray instance
+    # the job starts itself, the cores left over by the trainer (at least 1), so the extra logical CPUs
+    # above never oversubscribe the machine.
+    data_cpus: Optional[float] = Field(None, gt=0)
 
 
 class TrainSection(_Section):

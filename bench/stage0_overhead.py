@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides (= CPUs per Ray worker)")
+    parser.add_argument("--shuffle-buffer-rows", type=int, default=10_000, help="the Ray job's local shuffle buffer")
     args = parser.parse_args()
 
     import torch
@@ -97,11 +98,13 @@ def main() -> None:
             f"train.max_steps={args.steps + window}", f"train.batch_size_per_worker={args.batch_size}",
             f"train.log_every_steps={window}", f"train.checkpoint_every_steps={args.steps + window}",
             f"scaling.cpus_per_worker={args.threads}", f"run.storage_path={tmp}/ckpt",
-            f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", "run.name=bench-stage0"])
+            f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", "run.name=bench-stage0",
+            f"data.shuffle_buffer_rows={args.shuffle_buffer_rows}"])
         plain = plain_loop(cfg, args.steps, warmup=window)
         ray_rate, summary = ray_job(cfg, Path(tmp))
     result = {"bench": "stage0_overhead", "machine": f"{platform.machine()} {os.cpu_count()} cpus",
               "torch_threads": args.threads, "batch_size": args.batch_size, "steps": args.steps,
+              "shuffle_buffer_rows": args.shuffle_buffer_rows,
               "plain_samples_per_s": round(plain, 1), "ray_samples_per_s": round(ray_rate, 1),
               "ratio": round(ray_rate / plain, 3)}
     print(json.dumps(result))

@@ -27,16 +27,31 @@ class DataError(ValueError):
     """The data produced nothing to train on (every row skipped, or fewer rows than one batch)."""
 
 
-def init_ray(cfg: Config) -> None:
+def init_ray(cfg: Config) -> bool:
     """Join the cluster named by RAY_ADDRESS (set inside `ray job submit`), or start a local instance
-    with more logical CPUs than cores so Ray Data is never starved by the trainer."""
+    with more logical CPUs than cores so Ray Data is never starved by the trainer. True when local."""
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-        return
+        return False
     ray.init(num_cpus=cfg.scaling.local_num_cpus, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    return True
+
+
+def data_config(cfg: Config, local: bool):
+    """Ray Train's ingest options, with Ray Data's CPU budget (see `scaling.data_cpus`)."""
+    from ray.data import ExecutionResources
+    from ray.train import DataConfig
+
+    limit = cfg.scaling.data_cpus
+    if limit is None and local:
+        limit = max(1.0, (os.cpu_count() or 1) - cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    options = DataConfig.default_ingest_options()
+    if limit is not None:
+        options.resource_limits = ExecutionResources.for_limits(cpu=limit)
+    return DataConfig(execution_options=options)
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -88,7 +103,7 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None) -> dict[str, Any
 
     status = "FAILED"
     try:
-        init_ray(cfg)
+        local = init_ray(cfg)
         # One progress line per report comes from the trainer; per-operator bars would drown it.
         ray.data.DataContext.get_current().enable_operator_progress_bars = False
         counter = create_counter()
@@ -103,6 +118,7 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None) -> dict[str, Any
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_checkpoints_to_keep)),
             datasets=stage.datasets(cfg, counter, s3),
+            dataset_config=data_config(cfg, local),
         )
         result = trainer.fit()
         counts = read_counts(counter)
