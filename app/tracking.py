@@ -7,7 +7,6 @@ trainer logs metrics to it. Nothing here touches global MLflow state or runs at 
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import tempfile
 from pathlib import Path

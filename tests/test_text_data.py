@@ -1,6 +1,5 @@
 """Text corpora through real Ray Data: every format, bad lines skipped and counted, nothing raised."""
 
-import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
