@@ -169,6 +169,12 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, tmp_path, tiny
     steps = history_steps(mlflow_client(mlflow_uri), first_run, "lm_loss")
     assert min(steps) <= resumed["resumed_from_step"] < max(steps) == resumed["step"]
 
+    # Launching a finished run again trains nothing and hands back the same checkpoint.
+    again = run_stage(load_config(STAGE0, args[:-3] + [
+        "train.max_steps=" + str(saved[-1] + 10), "train.log_every_steps=5", "train.checkpoint_every_steps=10"]))
+    assert again["step"] == again["resumed_from_step"] == resumed["step"]
+    assert again["checkpoint"] == resumed["checkpoint"] and again["data"] == {}
+
 
 # The tiny T5 learns to use its soft prompt more slowly than the tiny OPT (the prompt must carry the
 # unseen suffix, not just steer the next token), so it gets more steps and a smaller, still clear margin.

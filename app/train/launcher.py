@@ -89,9 +89,10 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None) -> dict[str, Any
     stage.validate(cfg, s3)
     storage_fs, storage_path = storage.resolve(cfg.run.storage_path, s3)
     try:
-        resuming = bool(existing_checkpoints(cfg, s3))
+        previous = existing_checkpoints(cfg, s3)
     except OSError as err:
         raise ConfigError(f"run.storage_path: cannot list {cfg.run.storage_path}: {err}") from None
+    resuming = bool(previous)
 
     resume_run_id = (tracking.find_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.run.name,
                                        cfg.run.storage_path) if resuming else None)
@@ -142,7 +143,10 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None) -> dict[str, Any
         "tracking_uri": cfg.mlflow.tracking_uri,
         "checkpoint": checkpoint_uri,
         "step": int(metrics["step"]),
-        "resumed_from_step": int(metrics.get("resumed_from_step", 0)),
+        # A launch with nothing left to train writes no checkpoint, and Ray hands back the metrics stored
+        # with the latest one (from an earlier launch): it resumed from, and stopped at, that step.
+        "resumed_from_step": (int(metrics["step"]) if resuming and checkpoint_uri.rstrip("/").endswith(previous[-1])
+                              else int(metrics.get("resumed_from_step", 0))),
         "metrics": {k: metrics[k] for k in (*stage.loss_keys, "loss") if k in metrics},
         "throughput": {k: metrics[k] for k in ("samples_per_s", "tokens_per_s") if k in metrics},
         "data": counts,

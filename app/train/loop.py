@@ -132,11 +132,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     window = Window(list(stage.loss_keys) + ["loss"], device)
     shard = ray.train.get_dataset_shard("train")
     last_metrics: dict[str, float] = {}
-    last_saved = -1
+    last_saved = state.step if checkpoint is not None else -1  # the restored checkpoint is already saved
+    reported = False
     config_yaml = cfg.to_yaml()
 
     def report(save: bool) -> None:
-        nonlocal last_metrics, last_saved
+        nonlocal last_metrics, last_saved, reported
+        reported = True
         metrics = window.reduce() or last_metrics  # an empty window (data ran out) repeats the last numbers
         metrics.update(step=state.step, epoch=state.epoch, lr=scheduler.get_last_lr()[0],
                        **_memory_metrics(device))
@@ -212,5 +214,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # 3. Final report and checkpoint (also when the data ran out before max_steps).
     if state.step > 0 and last_saved != state.step:
         report(save=True)
-    elif state.step == 0:
-        ray.train.report({"step": 0, "resumed_from_step": resumed_from})
+    elif not reported:  # nothing to train (no data, or a resumed run that had already finished)
+        if rank == 0 and state.step >= cfg.train.max_steps:
+            progress(f"[{cfg.stage}] already at step {state.step} of {cfg.train.max_steps}: nothing to do")
+        ray.train.report({"step": state.step, "resumed_from_step": resumed_from})
