@@ -81,9 +81,7 @@ class PFormerStage:
         if not cfg.data.text:
             raise ConfigError("data.text: a text corpus URI is required for stage 'pformer'")
         try:
-            text_data.corpus_files(cfg.data.text, cfg.data.text_format, s3)
-            text_data.corpus_nonempty(cfg.data.text, cfg.data.text_format, s3)
-            text_data.peek_header(cfg.data.text, cfg.data.text_format, cfg.data.text_column, s3)
+            text_data.check_corpus(cfg.data.text, cfg.data.text_format, cfg.data.text_column, s3)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"data.text: {err}") from None
         check_model_path("model.pformer", cfg.model.pformer, s3)
@@ -111,9 +109,9 @@ class PFormerStage:
                           if i is not None)
         return PFormerLM(pformer, llm, weights, mask_token_id=tokenizer.mask_token_id, protected_ids=protected)
 
-    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        """LLM tokens processed (input + target), for tokens/s."""
-        return int(sum(batch[k].sum() for k in ("llm_mask", "llm_target_mask") if k in batch))
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """LLM tokens processed (input + target), for tokens/s; a device tensor, so no sync per step."""
+        return sum(batch[k].sum() for k in ("llm_mask", "llm_target_mask") if k in batch)
 
     def manifest(self, cfg: Config) -> dict[str, Any]:
         return {"stage": self.name, "frozen": {"llm": cfg.model.llm}, "pformer_init": cfg.model.pformer,

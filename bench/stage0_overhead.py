@@ -62,7 +62,7 @@ def plain_loop(cfg, steps: int, warmup: int) -> float:
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def ray_job(cfg, workdir: Path) -> tuple[float, dict]:
+def ray_job(cfg) -> tuple[float, dict]:
     from mlflow.tracking import MlflowClient
 
     from app.train.launcher import run_stage
@@ -101,7 +101,7 @@ def main() -> None:
             f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", "run.name=bench-stage0",
             f"data.shuffle_buffer_rows={args.shuffle_buffer_rows}"])
         plain = plain_loop(cfg, args.steps, warmup=window)
-        ray_rate, summary = ray_job(cfg, Path(tmp))
+        ray_rate, _ = ray_job(cfg)
     result = {"bench": "stage0_overhead", "machine": f"{platform.machine()} {os.cpu_count()} cpus",
               "torch_threads": args.threads, "batch_size": args.batch_size, "steps": args.steps,
               "shuffle_buffer_rows": args.shuffle_buffer_rows,

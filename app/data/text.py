@@ -281,9 +281,13 @@ def text_dataset(cfg, *, llm_is_encoder_decoder: bool, counter=None,
     )
 
 
-def peek_header(uri: str, fmt: str, column: str, s3: storage.S3Options | None = None) -> None:
-    """Fail fast when the first tabular file has no `column` (cheap: reads one line or the schema)."""
+def check_corpus(uri: str, fmt: str, column: str, s3: storage.S3Options | None = None) -> None:
+    """Fail fast, from one listing: no corpus files, only empty files, or a first tabular file without
+    `column` (reads one line or the Parquet schema). Raises FileNotFoundError or ValueError."""
     fs, by_format = corpus_files(uri, fmt, s3)
+    paths = [p for ps in by_format.values() for p in ps]
+    if all(info.size == 0 for info in fs.get_file_info(paths)):
+        raise ValueError(f"the corpus at {uri} is empty ({len(paths)} file(s), 0 bytes)")
     for found, paths in by_format.items():
         if found == "parquet":
             import pyarrow.parquet as pq
@@ -298,11 +302,3 @@ def peek_header(uri: str, fmt: str, column: str, s3: storage.S3Options | None = 
         if column not in names:
             raise ValueError(f"{storage.to_uri(fs, paths[0])} has no column {column!r} (columns: {names}); "
                              f"set data.text_column")
-
-
-def corpus_nonempty(uri: str, fmt: str, s3: storage.S3Options | None = None) -> None:
-    fs, by_format = corpus_files(uri, fmt, s3)
-    paths = [p for ps in by_format.values() for p in ps]
-    if all(info.size == 0 for info in fs.get_file_info(paths)):
-        raise ValueError(f"the corpus at {uri} is empty ({len(paths)} file(s), 0 bytes)")
-

@@ -48,12 +48,13 @@ class Window:
         self.sums = torch.zeros(len(self.keys) + 3, device=self.device, dtype=torch.float64)
         self.start = time.perf_counter()
 
-    def add(self, losses: dict[str, torch.Tensor], samples: int, tokens: int) -> None:
+    def add(self, losses: dict[str, torch.Tensor], samples: int, tokens: torch.Tensor) -> None:
+        """Accumulates on device: nothing here waits for the GPU."""
         self.seen.update(k for k in self.keys if k in losses)
-        values = [losses[k].detach().double() if k in losses else torch.zeros((), device=self.device, dtype=torch.float64)
-                  for k in self.keys]
-        extra = torch.tensor([1.0, samples, tokens], device=self.device, dtype=torch.float64)
-        self.sums += torch.cat([torch.stack(values), extra])
+        zero = torch.zeros((), device=self.device, dtype=torch.float64)
+        values = [losses[k].detach().double() if k in losses else zero for k in self.keys]
+        values += [zero + 1.0, zero + samples, tokens.double()]
+        self.sums += torch.stack(values)
 
     def reduce(self) -> dict[str, float] | None:
         """Global means of each term over the window and global throughput; None for an empty window.
