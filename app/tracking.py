@@ -42,10 +42,21 @@ def git_commit() -> Optional[str]:
         return None
 
 
+def default_artifact_location(tracking_uri: str, name: str) -> Optional[str]:
+    """For a SQLite store, artifacts go next to the database (`<db dir>/mlruns/<experiment>`), not into
+    whatever directory the job happens to run in (MLflow's default, `./mlruns`)."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None  # a tracking server decides (its --default-artifact-root, e.g. s3://)
+    return str(Path(tracking_uri[len(prefix):]).parent / "mlruns" / name)
+
+
 def experiment_id(tracking_uri: str, name: str) -> str:
     c = client(tracking_uri)
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else c.create_experiment(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=default_artifact_location(tracking_uri, name))
 
 
 def find_run(tracking_uri: str, experiment: str, run_name: str, storage_path: str) -> Optional[str]:
