@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 from app.config import Config, ConfigError, load_config
 from app.train.checkpoint import CheckpointError
-from app.train.launcher import DataError
+from app.data.stats import DataError
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:

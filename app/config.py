@@ -89,6 +89,17 @@ class DataSection(_Section):
     max_txt_len: int = Field(32, gt=1, description="Token budget per caption for every tokenizer.")
     shuffle_buffer_rows: int = Field(10_000, ge=0, description="Local shuffle buffer of the training iterator.")
     prefetch_batches: int = Field(4, ge=1)
+    # image-text shards (stages 1 and 2)
+    train: Optional[str] = Field(None, description="Image-text shards (WebDataset .tar or Parquet): folder, glob, or s3:// prefix.")
+    val: Optional[str] = Field(None, description="Validation shards; their losses are logged at every checkpoint.")
+    image_format: Literal["auto", "webdataset", "parquet"] = "auto"
+    image_column: str = Field("image", min_length=1, description="Parquet column with the encoded image bytes.")
+    caption_column: str = Field("caption", min_length=1, description="Parquet column / WebDataset .json field with the caption.")
+    image_size: Optional[int] = Field(None, gt=0, description="Input resolution; None = the vision tower's image_size.")
+    min_crop_scale: float = Field(0.5, gt=0, le=1, description="Training random-resized-crop area range [min_crop_scale, 1].")
+    max_skipped_fraction: float = Field(
+        0.1, ge=0, le=1, description="A run fails (naming shard and key) when more samples than this are unusable.")
+    val_max_batches: int = Field(50, gt=0, description="Validation batches per worker at each evaluation.")
 
 
 class ModelSection(_Section):
@@ -99,6 +110,12 @@ class ModelSection(_Section):
         "auto", description="Frozen LLM weights dtype; auto = bfloat16 on GPU, float32 on CPU.")
     contrastive_dim: int = Field(256, gt=0)
     temp_init: float = Field(0.07, gt=0)
+    vision: str = Field("Salesforce/blip2-opt-2.7b",
+                        description="HF id or path of the frozen image encoder (a vision tower, or a model holding one).")
+    vision_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    qformer: str = Field("bert-base-uncased", description="HF id or path of the BERT that initialises the Q-Former.")
+    cross_attention_freq: int = Field(2, gt=0, description="Q-Former cross-attention every N layers.")
+    prompt: str = Field("", description="Stage 2: text prompt after the soft prompt (BLIP-2's `prompt`).")
 
 
 class LossSection(_Section):
@@ -109,6 +126,23 @@ class LossSection(_Section):
     contrastive_views: Literal[1, 2] = Field(1, description="1 = reference (one forward), 2 = SimCSE-style views.")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     mask_prob: float = Field(0.25, ge=0, lt=1, description="P-Former input masking (decoder-only LLMs only).")
+    align_weight: Optional[float] = Field(
+        None, ge=0, description="P-Former alignment weight; None = the paper's (10 in stage 1, 100 in stage 2); 0 = BLIP-2.")
+    itc_weight: float = Field(1.0, ge=0)
+    itm_weight: float = Field(1.0, ge=0)
+    itg_weight: float = Field(1.0, ge=0)
+
+    def align_weight_for(self, stage: str) -> float:
+        if self.align_weight is not None:
+            return self.align_weight
+        return {"qformer": 10.0, "llm": 100.0}.get(stage, 0.0)
+
+
+class InitFromSection(_Section):
+    pformer: Optional[str] = Field(
+        None, description="Stage-0 checkpoint (or its run folder: the latest checkpoint) giving the frozen P-Former.")
+    qformer: Optional[str] = Field(
+        None, description="Stage-1 checkpoint (or its run folder) that initialises stage 2's Q-Former and llm_proj.")
 
 
 class Config(_Section):
@@ -121,6 +155,7 @@ class Config(_Section):
     data: DataSection = DataSection()
     model: ModelSection = ModelSection()
     loss: LossSection = LossSection()
+    init_from: InitFromSection = InitFromSection()
 
     def flat(self) -> dict[str, Any]:
         """The resolved config as `{dotted.key: value}` (MLflow params, summaries)."""

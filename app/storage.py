@@ -128,3 +128,36 @@ def upload_dir(local_dir: str | os.PathLike, uri: str, options: S3Options | None
     fs.create_dir(path, recursive=True)
     pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     return uri
+
+
+def local_model(value: str, options: S3Options | None = None, only: tuple[str, ...] = ()) -> str:
+    """A local folder for a model given by HF id, local path, or s3:// URI (downloaded once per node
+    into $PFORMER_MODEL_CACHE, default ~/.cache/pformer/models). HF ids and local paths pass through.
+    `only`: download just these children (files or folders) of an s3:// folder, e.g. a checkpoint's
+    weights and manifest without its optimiser state."""
+    if not is_s3(value):
+        return value
+    import hashlib
+
+    cache = Path(os.environ.get("PFORMER_MODEL_CACHE", Path.home() / ".cache" / "pformer" / "models"))
+    target = cache / hashlib.sha1("|".join((value, *only)).encode()).hexdigest()[:16]
+    if not (target / ".complete").exists():
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        if only:
+            fs, root = resolve(value, options)
+            tmp.mkdir(parents=True, exist_ok=True)
+            for child in only:
+                info = fs.get_file_info(f"{root}/{child}")
+                if info.type == pafs.FileType.Directory:
+                    download_dir(join(value, child), tmp / child, options)
+                elif info.type == pafs.FileType.File:
+                    pafs.copy_files(f"{root}/{child}", str(tmp / child), source_filesystem=fs,
+                                    destination_filesystem=pafs.LocalFileSystem())
+        else:
+            download_dir(value, tmp, options)
+        (tmp / ".complete").touch()
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)

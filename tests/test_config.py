@@ -62,10 +62,25 @@ def test_bad_configs_name_the_key(raw, overrides, message):
 def test_config_files_load(tmp_path):
     for path in [*ROOT.glob("configs/*.yaml"), *ROOT.glob("configs/tiny/*.yaml")]:
         cfg = load_config(path)
-        assert cfg.stage == "pformer", path
+        expected = {"stage0": "pformer", "stage1": "qformer", "stage2": "llm"}.get(path.stem.split("_")[0], "pformer")
+        assert cfg.stage == expected, path
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  llm: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_stage_keys_and_paper_defaults():
+    cfg = load_config(ROOT / "configs" / "stage1_opt2.7b.yaml", ["init_from.pformer=s3://b/ckpt", "loss.align_weight=null"])
+    assert cfg.loss.align_weight_for("qformer") == 10 and cfg.loss.align_weight_for("llm") == 100
+    assert cfg.model.vision == "Salesforce/blip2-opt-2.7b" and cfg.model.num_query_tokens == 32
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps, cfg.train.weight_decay) == (1e-4, 1e-5, 5000, 0.05)
+    assert load_config(ROOT / "configs" / "stage2_opt2.7b.yaml").train.warmup_steps == 2000
+    with pytest.raises(ConfigError, match=r"unknown config key 'init_from.pformr' \(did you mean 'init_from.pformer'\?\)"):
+        load_config(None, ["init_from.pformr=x"])
+    with pytest.raises(ConfigError, match="loss.align_weight"):
+        load_config(None, ["loss.align_weight=-1"])
+    with pytest.raises(ConfigError, match="data.max_skipped_fraction"):
+        load_config(None, ["data.max_skipped_fraction=1.5"])

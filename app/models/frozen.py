@@ -25,7 +25,9 @@ class Composite(nn.Module):
     def train(self, mode: bool = True) -> "Composite":
         super().train(mode)
         for name in self.frozen_names:
-            getattr(self, name).eval()
+            module = getattr(self, name, None)  # optional frozen parts (e.g. no P-Former) are None
+            if module is not None:
+                module.eval()
         return self
 
     def trainable_parameters(self):
