@@ -22,6 +22,9 @@ import pyarrow as pa
 import ray
 import ray.data
 from ray.data.datasource import FileBasedDatasource
+# Imported with the module, not lazily inside a task: Ray may start a data task while another thread of the
+# same worker is still importing torch, and a lazy import then fails with a partially initialised module.
+from transformers import AutoTokenizer
 
 from app import storage
 from app.data.stats import report_counts
@@ -148,6 +151,18 @@ def _table(rows: list[tuple[Optional[str], Optional[str]]]) -> pa.Table:
     return pa.table({"text": pa.array(texts, pa.string()), "problem": pa.array(problems, pa.string())})
 
 
+def in_blocks(rows: Iterable, size: int, to_table) -> Iterator[pa.Table]:
+    """Group a row stream into tables of `size` rows (the last one shorter), for a datasource's blocks."""
+    block: list = []
+    for row in rows:
+        block.append(row)
+        if len(block) >= size:
+            yield to_table(block)
+            block = []
+    if block:
+        yield to_table(block)
+
+
 class CorpusDatasource(FileBasedDatasource):
     """Streams txt/tsv/csv/jsonl files in blocks of CHUNK_ROWS rows; bad lines become counted rows."""
 
@@ -157,14 +172,7 @@ class CorpusDatasource(FileBasedDatasource):
         self._column = column
 
     def _read_stream(self, f: "pa.NativeFile", path: str) -> Iterator[pa.Table]:
-        rows: list = []
-        for row in parse_rows(_raw_lines(f), self._fmt, self._column, path):
-            rows.append(row)
-            if len(rows) >= CHUNK_ROWS:
-                yield _table(rows)
-                rows = []
-        if rows:
-            yield _table(rows)
+        yield from in_blocks(parse_rows(_raw_lines(f), self._fmt, self._column, path), CHUNK_ROWS, _table)
 
 
 def _parquet_to_rows(batch: pa.Table, column: str) -> pa.Table:
@@ -214,8 +222,6 @@ def split_words(text: str, rng: np.random.Generator) -> tuple[str, str]:
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(name_or_path: str):
     """Tokenizers are cached per worker process: Ray reuses workers across tasks."""
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(name_or_path)
     tok.padding_side = "right"
     if tok.pad_token is None:
@@ -223,7 +229,7 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def _tokenize(tok, texts: list[str], max_len: int, prefix: str) -> dict[str, np.ndarray]:
+def tokenize(tok, texts: list[str], max_len: int, prefix: str) -> dict[str, np.ndarray]:
     enc = tok(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="np")
     return {f"{prefix}_ids": enc["input_ids"].astype(np.int32),
             f"{prefix}_mask": enc["attention_mask"].astype(np.int8)}
@@ -254,16 +260,16 @@ def preprocess_text_batch(batch: dict[str, np.ndarray], *, pformer_tokenizer: st
     if not texts:
         return {}  # an empty batch (Ray Data drops it); zero-row arrays would be pickled as objects
 
-    out = _tokenize(load_tokenizer(pformer_tokenizer), texts, max_txt_len, "pformer")
+    out = tokenize(load_tokenizer(pformer_tokenizer), texts, max_txt_len, "pformer")
     llm_tok = load_tokenizer(llm_tokenizer)
     if llm_is_encoder_decoder:
         # Seeded by the batch content: reproducible, yet different splits for different captions.
         rng = np.random.default_rng([seed, zlib.crc32("\n".join(texts).encode())])
         prefixes, suffixes = zip(*(split_words(t, rng) for t in texts))
-        out.update(_tokenize(llm_tok, list(prefixes), max_txt_len, "llm"))
-        out.update(_tokenize(llm_tok, list(suffixes), max_txt_len, "llm_target"))
+        out.update(tokenize(llm_tok, list(prefixes), max_txt_len, "llm"))
+        out.update(tokenize(llm_tok, list(suffixes), max_txt_len, "llm_target"))
     else:
-        out.update(_tokenize(llm_tok, [t + "\n" for t in texts], max_txt_len, "llm"))
+        out.update(tokenize(llm_tok, [t + "\n" for t in texts], max_txt_len, "llm"))
     return out
 
 
