@@ -12,7 +12,7 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean token cross-entropy over positions whose label is not IGNORE_INDEX.
 
     shift=True for decoder-only models (logits at t predict labels at t+1); shift=False when the
@@ -21,7 +21,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> torch.Te
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+                           ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
 
 
 def contrastive_loss(features: torch.Tensor, all_features: torch.Tensor, temp: torch.Tensor,
@@ -58,3 +58,48 @@ def vocab_loss(prompts: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
     """
     target = embeddings[nearest_rows(prompts, embeddings)].detach()  # (B, Q, D)
     return F.mse_loss(prompts.float(), target.float())
+
+
+def itc_similarities(image_feats: torch.Tensor, text_feat: torch.Tensor, all_image_feats: torch.Tensor,
+                     all_text_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BLIP-2's image-text similarities: the best-matching query decides.
+
+    image_feats (B, Q, C) and text_feat (B, C) are this worker's normalised features; all_* (N, ...)
+    are gathered from every worker. Returns sim_i2t (B, N) = max_q <image_q, text_n> and
+    sim_t2i (B, N) = max_q <text, image_n,q>.
+    """
+    sim_i2t = torch.einsum("bqc,nc->bqn", image_feats.float(), all_text_feats.float()).amax(dim=1)
+    sim_t2i = torch.einsum("bc,nqc->bqn", text_feat.float(), all_image_feats.float()).amax(dim=1)
+    return sim_i2t, sim_t2i
+
+
+def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, temp: torch.Tensor, offset: int = 0,
+             label_smoothing: float = 0.1) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch; the positive of local row i is column offset + i."""
+    targets = torch.arange(sim_i2t.shape[0], device=sim_i2t.device) + offset
+    return 0.5 * (F.cross_entropy(sim_i2t / temp, targets, label_smoothing=label_smoothing)
+                  + F.cross_entropy(sim_t2i / temp, targets, label_smoothing=label_smoothing))
+
+
+@torch.no_grad()
+def hard_negative_indices(sim: torch.Tensor, offset: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each local row i of `sim` (B, N), a column != offset + i drawn with probability
+    softmax(sim[i]) over the other columns: similar (hard) negatives are drawn more often."""
+    rows = torch.arange(sim.shape[0], device=sim.device)
+    logits = sim.float().clone()
+    logits[rows, rows + offset] = float("-inf")
+    weights = torch.softmax(logits, dim=1).nan_to_num_(0.0) + 1e-12  # a tie-free fallback for degenerate rows
+    weights[rows, rows + offset] = 0.0
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def itm_labels(batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """ITM targets for [positives; image with a negative text; text with a negative image]: 1, 0, 0."""
+    return torch.cat([torch.ones(batch_size, dtype=torch.long, device=device),
+                      torch.zeros(2 * batch_size, dtype=torch.long, device=device)])
+
+
+def align_loss(prompts: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Unweighted P-Former alignment: MSE between the projected queries and the P-Former's prompts
+    (both (B, Q, D_llm); the targets come from the frozen P-Former and carry no gradient)."""
+    return F.mse_loss(prompts.float(), targets.detach().float())

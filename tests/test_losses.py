@@ -8,7 +8,9 @@ import torch
 
 from app.data.masking import mask_tokens
 from app.data.text import clean_text, split_words
-from app.losses import IGNORE_INDEX, contrastive_loss, lm_loss, nearest_rows, vocab_loss
+from app.losses import (IGNORE_INDEX, align_loss, contrastive_loss, hard_negative_indices, itc_loss, itc_similarities,
+                        itm_labels, lm_loss, nearest_rows, vocab_loss)
+from app.models.qformer import multimodal_causal_mask
 
 
 def test_lm_loss_shifted_for_decoder_only():
@@ -90,3 +92,82 @@ def test_clean_text():
     assert clean_text("  a\tdog \n runs  ", 100) == "a dog runs"
     assert clean_text("a dog runs fast", 8) == "a dog"
     assert clean_text("   ", 10) == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# stage-1/2 terms
+
+
+def test_itc_similarity_takes_the_best_query():
+    image = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.6, 0.8], [-1.0, 0.0]]])  # (B=2, Q=2, C=2)
+    text = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # (B, C)
+    sim_i2t, sim_t2i = itc_similarities(image, text, image, text)
+    # image 0: queries (1,0),(0,1) -> best 1 with both texts; image 1: (0.6,0.8),(-1,0) -> 0.8 with text 0, 0.6 with text 1
+    assert torch.allclose(sim_i2t, torch.tensor([[1.0, 1.0], [0.8, 0.6]]))
+    assert torch.allclose(sim_t2i, sim_i2t.t())
+
+
+def test_itc_loss_by_hand_and_near_its_minimum_for_matching_features():
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.0, 0.3, 0.8]])
+    temp = torch.tensor(0.5)
+    expected = sum(_smoothed_ce([v / 0.5 for v in row], i, 0.1) for i, row in enumerate(sim.tolist())) / 3
+    expected_t = sum(_smoothed_ce([v / 0.5 for v in row], i, 0.1) for i, row in enumerate(sim.t().tolist())) / 3
+    assert itc_loss(sim, sim.t(), temp, 0, 0.1).item() == pytest.approx((expected + expected_t) / 2, rel=1e-5)
+    # Matching unit features: similarity 1 on the diagonal, -1/(n-1) elsewhere. With label smoothing eps the
+    # lowest possible loss is the entropy of the smoothed target, reached when softmax(sim / t) equals it:
+    # a logit gap of log((1 - eps + eps/n) / (eps/n)). At the temperature giving that gap, ITC is at its minimum.
+    n, eps = 8, 0.1
+    t = (1 + 1 / (n - 1)) / math.log((1 - eps + eps / n) / (eps / n))
+    feats = torch.nn.functional.normalize(torch.eye(n) - 1.0 / n, dim=-1)
+    image = feats[:, None, :].repeat(1, 4, 1)  # every query agrees
+    sim_i2t, sim_t2i = itc_similarities(image, feats, image, feats)
+    loss = itc_loss(sim_i2t, sim_t2i, torch.tensor(t), 0, eps).item()
+    smoothed = [(1 - eps) + eps / n] + [eps / n] * (n - 1)
+    floor = -sum(p * math.log(p) for p in smoothed)
+    assert loss == pytest.approx(floor, abs=1e-4)
+    shuffled = itc_loss(sim_i2t.roll(1, dims=1), sim_t2i.roll(1, dims=1), torch.tensor(t), 0, eps).item()
+    assert shuffled > loss + 3  # every row now scores a wrong caption highest
+
+
+def test_itc_offset_selects_own_rows_of_the_gathered_batch():
+    sim = torch.zeros(2, 6)
+    sim[0, 2], sim[1, 3] = 5.0, 5.0  # rank 1 of 3 with local batch 2 owns columns 2 and 3
+    assert itc_loss(sim, sim, torch.tensor(1.0), offset=2, label_smoothing=0.0) < 0.1
+    assert itc_loss(sim, sim, torch.tensor(1.0), offset=0, label_smoothing=0.0) > 4
+
+
+def test_hard_negatives_never_pick_the_positive_and_prefer_similar_items():
+    generator = torch.Generator().manual_seed(0)
+    sim = torch.tensor([[10.0, 5.0, 0.0, 0.0], [0.0, 10.0, 0.0, 5.0]])  # rank 1 of 2: positives are columns 2, 3
+    picks = torch.stack([hard_negative_indices(sim, offset=2, generator=generator) for _ in range(300)])
+    assert (picks[:, 0] != 2).all() and (picks[:, 1] != 3).all()
+    assert (picks[:, 0] == 0).float().mean() > 0.95  # drawn by softmax(sim): the most similar non-positive
+    assert (picks[:, 1] == 1).float().mean() > 0.95
+    # Degenerate rows (everything equal, or NaN) still give a valid non-positive index.
+    flat = hard_negative_indices(torch.zeros(3, 3), generator=generator)
+    assert (flat != torch.arange(3)).all()
+
+
+def test_itm_labels_are_one_for_positives_and_zero_for_both_negatives():
+    assert itm_labels(3).tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0]
+
+
+def test_align_loss_is_zero_at_the_target_and_only_moves_the_prompts():
+    target = torch.randn(2, 4, 8)
+    assert align_loss(target.clone(), target).item() == 0.0
+    prompts = (target + 0.5).requires_grad_(True)
+    moving_target = target.clone().requires_grad_(True)
+    loss = align_loss(prompts, moving_target)
+    assert loss.item() == pytest.approx(0.25)
+    loss.backward()
+    assert moving_target.grad is None and prompts.grad is not None
+
+
+def test_multimodal_causal_mask():
+    text_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    mask = multimodal_causal_mask(2, text_mask)  # (B, 1, 5, 5)
+    assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.bool
+    first = mask[0, 0].int().tolist()
+    assert first[:2] == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0]]  # queries see queries only
+    assert first[2:] == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]  # text: all queries, causal text
+    assert mask[1, 0, 4].int().tolist() == [1, 1, 1, 1, 0]  # padding is never attended

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
+from app.losses import IGNORE_INDEX, lm_loss
 from app.models.frozen import freeze
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,3 +67,21 @@ class FrozenLLM(nn.Module):
         mask = torch.cat([attention_mask.new_ones(prompts.shape[:2]), attention_mask], dim=1)
         decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
         return self.model(inputs_embeds=inputs, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
+
+    def caption_loss(self, prompts: torch.Tensor, batch: dict[str, torch.Tensor], ignore_prefix: int = 0) -> torch.Tensor:
+        """LM loss of the caption tokens in `batch` behind the soft prompt (B, Q, D).
+
+        Decoder-only: `[prompts; embed(llm_ids)]` predicts `llm_ids`; the first `ignore_prefix` text
+        tokens (a text prompt, BOS included) are not scored. Encoder-decoder: the encoder reads
+        `[prompts; embed(llm_ids)]` (the prefix) and the decoder predicts `llm_target_ids` (the suffix).
+        """
+        if self.is_encoder_decoder:
+            labels = batch["llm_target_ids"].masked_fill(batch["llm_target_mask"] == 0, IGNORE_INDEX)
+            logits = self.seq2seq_logits(prompts, batch["llm_ids"], batch["llm_mask"], labels)
+            return lm_loss(logits, labels, shift=False)
+        text_labels = batch["llm_ids"].masked_fill(batch["llm_mask"] == 0, IGNORE_INDEX)
+        if ignore_prefix:
+            text_labels[:, :ignore_prefix] = IGNORE_INDEX
+        labels = torch.cat([text_labels.new_full(prompts.shape[:2], IGNORE_INDEX), text_labels], dim=1)
+        logits = self.decoder_logits(prompts, batch["llm_ids"], batch["llm_mask"])
+        return lm_loss(logits, labels, shift=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from app.data.masking import mask_tokens
-from app.losses import IGNORE_INDEX, contrastive_loss, lm_loss, vocab_loss
+from app.losses import contrastive_loss, vocab_loss
 from app.models.frozen import Composite
 from app.models.llm import FrozenLLM
 from app.models.pformer import PFormer
@@ -59,15 +59,7 @@ class PFormerLM(Composite):
         prompts = out.prompts[:batch_size]  # (B, Q, D)
 
         # 2. Frozen LLM reconstructs the caption from the prompt.
-        if self.llm.is_encoder_decoder:
-            labels = batch["llm_target_ids"].masked_fill(batch["llm_target_mask"] == 0, IGNORE_INDEX)
-            logits = self.llm.seq2seq_logits(prompts, batch["llm_ids"], batch["llm_mask"], labels)
-            losses = {"lm_loss": lm_loss(logits, labels, shift=False)}
-        else:
-            text_labels = batch["llm_ids"].masked_fill(batch["llm_mask"] == 0, IGNORE_INDEX)
-            labels = torch.cat([text_labels.new_full(prompts.shape[:2], IGNORE_INDEX), text_labels], dim=1)
-            logits = self.llm.decoder_logits(prompts, batch["llm_ids"], batch["llm_mask"])
-            losses = {"lm_loss": lm_loss(logits, labels, shift=True)}
+        losses = {"lm_loss": self.llm.caption_loss(prompts, batch)}
         total = w.lm_weight * losses["lm_loss"]
 
         # 3. Sentence-level contrastive loss over the global batch.

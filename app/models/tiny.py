@@ -154,3 +154,28 @@ def prepare_tiny_models(out_dir: str | Path, lines: Iterable[str], *, seed: int 
         model.save_pretrained(paths[kind])
     ready.write_text(json.dumps({"fingerprint": fingerprint, **settings}))
     return paths
+
+
+def build_tiny_vision(out_dir: str | Path, kind: str = "blip2", image_size: int = 32, patch_size: int = 8,
+                      hidden: int = 32, layers: int = 2, seed: int = 0) -> str:
+    """A tiny random vision tower saved as an HF folder with its image-processor config: "blip2"
+    (Blip2VisionModel, EVA-style as in BLIP-2) or "clip" (CLIPVisionModel). Random weights: as a frozen
+    encoder it is a fixed random patch embedding, enough for the Q-Former to learn from."""
+    from transformers import (Blip2VisionConfig, Blip2VisionModel, BlipImageProcessorPil, CLIPImageProcessorPil,
+                              CLIPVisionConfig, CLIPVisionModel)
+
+    torch.manual_seed(seed)
+    shape = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
+                 image_size=image_size, patch_size=patch_size)
+    if kind == "blip2":
+        # Blip2VisionConfig's default initializer_range (1e-10) suits loading weights, not random towers.
+        model, processor = Blip2VisionModel(Blip2VisionConfig(**shape, initializer_range=0.02)), BlipImageProcessorPil(
+            size={"height": image_size, "width": image_size})
+    elif kind == "clip":
+        model, processor = CLIPVisionModel(CLIPVisionConfig(**shape)), CLIPImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    else:
+        raise ValueError(f"unknown vision kind {kind!r} (blip2 or clip)")
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return str(out_dir)

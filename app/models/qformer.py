@@ -1,0 +1,204 @@
+"""The Q-Former: transformers' `Blip2QFormerModel` with learned queries, BERT-style text embeddings,
+the stage-1 heads (ITC, ITM, ITG) and `llm_proj` (stage 1's `llm_proj_q`, stage 2's `llm_proj`).
+
+    queries (1, Q, H) --self-attn + cross-attn to image tokens (every `cross_attention_frequency` layers)
+                       + query FFN--> (B, Q, H) --llm_proj--> (B, Q, D_llm) soft prompt
+
+Text runs through the same self-attention layers with its own FFN. Three ways to call it:
+  text alone (query_length=0)                            -> ITC text features ([CLS])
+  queries + text, bidirectional mask                     -> ITM
+  queries + text, multimodal causal mask ([DEC] first)   -> ITG (LM head tied to the word embeddings)
+
+`from_bert` initialises every shared weight from a BERT checkpoint (bert-base-uncased in the paper):
+self-attention, both FFNs (query and text copies), embeddings and the MLM head transform; the
+cross-attention layers, queries and heads start fresh, as in BLIP-2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Blip2QFormerConfig, Blip2QFormerModel
+from transformers.utils import logging as transformers_logging
+from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+
+logger = logging.getLogger(__name__)
+
+HEADS_FILE = "qformer_heads.json"
+DEC_TOKEN = "[DEC]"
+
+
+class QFormer(nn.Module):
+    def __init__(self, config: Blip2QFormerConfig, num_query_tokens: int, llm_dim: int, bos_token_id: int,
+                 contrastive_dim: int = 256, temp_init: float = 0.07):
+        super().__init__()
+        if not config.use_qformer_text_input:
+            raise ValueError("the Q-Former needs use_qformer_text_input=True (text FFN for ITC/ITM/ITG)")
+        hidden = config.hidden_size
+        self.config = config
+        self.num_query_tokens = num_query_tokens
+        self.llm_dim = llm_dim
+        self.bos_token_id = bos_token_id
+        self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, hidden) * config.initializer_range)
+        self.embeddings = Blip2TextEmbeddings(config)
+        self.bert = Blip2QFormerModel(config)
+        self.vision_proj = nn.Linear(hidden, contrastive_dim)
+        self.text_proj = nn.Linear(hidden, contrastive_dim)
+        self.itm_head = nn.Linear(hidden, 2)
+        self.lm_transform = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(),
+                                          nn.LayerNorm(hidden, eps=config.layer_norm_eps))
+        self.lm_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.llm_proj = nn.Linear(hidden, llm_dim)
+        self.temp = nn.Parameter(torch.tensor(float(temp_init)))
+
+    # ------------------------------------------------------------------ construction and saving
+
+    @classmethod
+    def from_bert(cls, name_or_path: str, *, num_query_tokens: int, encoder_hidden_size: int, llm_dim: int,
+                  cross_attention_frequency: int = 2, contrastive_dim: int = 256, temp_init: float = 0.07):
+        """A Q-Former initialised from a BERT checkpoint; returns (qformer, tokenizer with [DEC])."""
+        from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+        bert_config = BertConfig.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
+        config = Blip2QFormerConfig(
+            vocab_size=len(tokenizer), hidden_size=bert_config.hidden_size,
+            num_hidden_layers=bert_config.num_hidden_layers, num_attention_heads=bert_config.num_attention_heads,
+            intermediate_size=bert_config.intermediate_size, hidden_act=bert_config.hidden_act,
+            hidden_dropout_prob=bert_config.hidden_dropout_prob,
+            attention_probs_dropout_prob=bert_config.attention_probs_dropout_prob,
+            max_position_embeddings=bert_config.max_position_embeddings,
+            initializer_range=bert_config.initializer_range, layer_norm_eps=bert_config.layer_norm_eps,
+            pad_token_id=bert_config.pad_token_id or 0, cross_attention_frequency=cross_attention_frequency,
+            encoder_hidden_size=encoder_hidden_size, use_qformer_text_input=True)
+        model = cls(config, num_query_tokens, llm_dim, tokenizer.bos_token_id, contrastive_dim, temp_init)
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # a BERT saved without its MLM head is fine: the head starts fresh
+        try:
+            mlm = BertForMaskedLM.from_pretrained(name_or_path)
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        fresh = model.load_bert(mlm)
+        logger.info("Q-Former from %s; initialised fresh: %s", name_or_path,
+                    sorted({name.split(".")[0] if "crossattention" not in name else "crossattention" for name in fresh}))
+        return model, tokenizer
+
+    @torch.no_grad()
+    def load_bert(self, mlm) -> list[str]:
+        """Copy a `BertForMaskedLM`'s weights into the shared parts; returns the names left fresh."""
+        src = mlm.state_dict()
+        vocab = src["bert.embeddings.word_embeddings.weight"].shape[0]
+        mapped: dict[str, torch.Tensor] = {}
+        for key, value in src.items():
+            if key.startswith("bert.embeddings."):
+                name = key.removeprefix("bert.embeddings.")
+                if name.startswith(("word_embeddings", "position_embeddings")):
+                    mapped[f"embeddings.{name}"] = value
+                elif name.startswith("LayerNorm."):
+                    mapped[f"bert.layernorm.{name.removeprefix('LayerNorm.')}"] = value
+            elif key.startswith("bert.encoder.layer."):
+                rest = key.removeprefix("bert.encoder.")
+                rest = rest.replace(".attention.self.", ".attention.attention.")
+                mapped[f"bert.encoder.{rest}"] = value
+                for part in (".intermediate.", ".output."):
+                    if part in rest and ".attention." not in rest:
+                        query_part = part.replace(".", "", 1).rstrip(".")
+                        mapped[f"bert.encoder.{rest.replace(part, f'.{query_part}_query.')}"] = value
+            elif key.startswith("cls.predictions.transform."):
+                name = key.removeprefix("cls.predictions.transform.")
+                index = 0 if name.startswith("dense.") else 2
+                mapped[f"lm_transform.{index}.{name.split('.', 1)[1]}"] = value
+            elif key == "cls.predictions.bias":
+                mapped["lm_bias"] = value
+        own = self.state_dict()
+        for name, value in mapped.items():
+            if name not in own:
+                raise KeyError(f"BERT weight {name} has no place in the Q-Former")
+            if name in ("embeddings.word_embeddings.weight", "lm_bias"):
+                own[name][:vocab] = value  # the Q-Former's vocabulary adds [DEC] at the end
+            else:
+                own[name].copy_(value)
+        return sorted(set(own) - set(mapped))
+
+    @property
+    def heads_config(self) -> dict:
+        return {"num_query_tokens": self.num_query_tokens, "llm_dim": self.llm_dim,
+                "bos_token_id": self.bos_token_id, "contrastive_dim": self.text_proj.out_features}
+
+    def save_architecture(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(directory)
+        (directory / HEADS_FILE).write_text(json.dumps(self.heads_config))
+
+    @classmethod
+    def from_architecture(cls, directory: str | Path) -> "QFormer":
+        directory = Path(directory)
+        heads = json.loads((directory / HEADS_FILE).read_text())
+        return cls(Blip2QFormerConfig.from_pretrained(directory), **heads)
+
+    def freeze_text_side(self) -> None:
+        """Stage 2 uses only the query path: the text FFN, embeddings and stage-1 heads get no gradient."""
+        for module in (self.embeddings, self.vision_proj, self.text_proj, self.itm_head, self.lm_transform):
+            module.requires_grad_(False)
+        self.lm_bias.requires_grad_(False)
+        self.temp.requires_grad_(False)
+        for layer in self.bert.encoder.layer:
+            layer.intermediate.requires_grad_(False)
+            layer.output.requires_grad_(False)
+
+    # ------------------------------------------------------------------ the three passes
+
+    def encode_image(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Query outputs (B, Q, H) for image tokens (B, N, D_vision)."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.bert(query_embeds=queries, query_length=self.num_query_tokens,
+                         encoder_hidden_states=image_embeds).last_hidden_state
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Text-only outputs (B, L, H) (no queries, no image): the ITC text side."""
+        return self.bert(query_embeds=self.embeddings(input_ids=ids), query_length=0,
+                         attention_mask=mask).last_hidden_state
+
+    def encode_joint(self, ids: torch.Tensor, mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Queries + text with cross-attention to the image; `mask` is 2-D (B, Q+L) or 4-D (B, 1, Q+L, Q+L)."""
+        queries = self.query_tokens.expand(ids.shape[0], -1, -1)
+        embeds = self.embeddings(input_ids=ids, query_embeds=queries)
+        return self.bert(query_embeds=embeds, query_length=self.num_query_tokens, attention_mask=mask,
+                         encoder_hidden_states=image_embeds).last_hidden_state
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.lm_transform(hidden), self.embeddings.word_embeddings.weight, self.lm_bias)
+
+    def prompts(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """The soft prompt (B, Q, D_llm)."""
+        return self.llm_proj(self.encode_image(image_embeds))
+
+    def forward(self, image_embeds: torch.Tensor, objective: str = "prompts", **inputs):
+        """One entry point, so DDP sees every pass: "prompts" (stage 2) or "stage1" (see `app.models.blip2`)."""
+        if objective == "prompts":
+            return self.prompts(image_embeds)
+        if objective == "stage1":
+            from app.models.blip2 import stage1_losses
+
+            return stage1_losses(self, image_embeds, **inputs)
+        raise ValueError(f"unknown objective {objective!r}")
+
+
+def multimodal_causal_mask(num_queries: int, text_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, Q+L, Q+L), True = may attend. Queries see all queries and no text; text sees
+    every query and the non-padding text up to itself (ITG)."""
+    batch, length = text_mask.shape
+    total = num_queries + length
+    allowed = torch.zeros(total, total, dtype=torch.bool, device=text_mask.device)
+    allowed[:, :num_queries] = True
+    allowed[num_queries:, num_queries:] = torch.ones(length, length, dtype=torch.bool,
+                                                     device=text_mask.device).tril()
+    keys = torch.cat([text_mask.new_ones(batch, num_queries), text_mask], dim=1).bool()  # (B, Q+L)
+    return (allowed[None] & keys[:, None, :])[:, None]
