@@ -5,19 +5,27 @@ The training loop (`app.train.loop`) is shared; it asks the stage for everything
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+import pyarrow.fs as pafs
 import torch
 
 from app import storage
+from app.storage import local_model
 from app.config import Config, ConfigError
+from app.data import images as image_data
 from app.data import text as text_data
+from app.models.frozen import freeze
 from app.models.llm import FrozenLLM, resolve_dtype
+from app.models.pformer import HEADS_FILE as PFORMER_HEADS_FILE
 from app.models.pformer import PFormer
 from app.models.pformer_lm import PFormerLM, PFormerLossWeights
-from app.train.checkpoint import unwrap
+from app.models.qformer import HEADS_FILE as QFORMER_HEADS_FILE
+from app.train.checkpoint import (MANIFEST_FILE, WEIGHTS_FILE, CheckpointError, check_stage, load_submodule,
+                                  unwrap)
 
 
 def looks_local(path: str) -> bool:
@@ -31,25 +39,6 @@ def check_model_path(key: str, value: str, s3: storage.S3Options) -> None:
             raise ConfigError(f"{key}: no model at {value}")
     elif looks_local(value) and not Path(value).expanduser().is_dir():
         raise ConfigError(f"{key}: no such model folder: {value}")
-
-
-def local_model(value: str, s3: storage.S3Options | None = None) -> str:
-    """A local folder for a model given by HF id, local path, or s3:// URI (downloaded once per node)."""
-    if not storage.is_s3(value):
-        return value
-    import hashlib
-
-    cache = Path(os.environ.get("PFORMER_MODEL_CACHE", Path.home() / ".cache" / "pformer" / "models"))
-    target = cache / hashlib.sha1(value.encode()).hexdigest()[:16]
-    if not (target / ".complete").exists():
-        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-        storage.download_dir(value, tmp, s3)
-        (tmp / ".complete").touch()
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            pass
-    return str(target)
 
 
 def llm_is_encoder_decoder(name_or_path: str) -> bool:
@@ -77,7 +66,7 @@ class PFormerStage:
     name = "pformer"
     loss_keys = ("lm_loss", "contrastive_loss", "vocab_loss")
 
-    def validate(self, cfg: Config, s3: storage.S3Options) -> None:
+    def validate(self, cfg: Config, s3: storage.S3Options) -> Config:
         if not cfg.data.text:
             raise ConfigError("data.text: a text corpus URI is required for stage 'pformer'")
         try:
@@ -86,6 +75,7 @@ class PFormerStage:
             raise ConfigError(f"data.text: {err}") from None
         check_model_path("model.pformer", cfg.model.pformer, s3)
         check_model_path("model.llm", cfg.model.llm, s3)
+        return cfg
 
     def datasets(self, cfg: Config, counter, s3: storage.S3Options) -> dict[str, Any]:
         llm = local_model(cfg.model.llm, s3)
@@ -101,10 +91,11 @@ class PFormerStage:
         pformer = PFormer.from_pretrained(local_model(cfg.model.pformer, s3),
                                           num_query_tokens=cfg.model.num_query_tokens, llm_dim=llm.embed_dim,
                                           contrastive_dim=cfg.model.contrastive_dim, temp_init=cfg.model.temp_init)
-        loss = cfg.loss.model_dump()
-        if loss["vocab_weight"] is None:
-            loss["vocab_weight"] = 0.0 if llm.is_encoder_decoder else 1.0
-        weights = PFormerLossWeights(**loss)
+        loss = cfg.loss
+        weights = PFormerLossWeights(
+            lm_weight=loss.lm_weight, contrastive_weight=loss.contrastive_weight,
+            vocab_weight=loss.vocab_weight if loss.vocab_weight is not None else (0.0 if llm.is_encoder_decoder else 1.0),
+            contrastive_views=loss.contrastive_views, label_smoothing=loss.label_smoothing, mask_prob=loss.mask_prob)
         protected = tuple(i for i in (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id)
                           if i is not None)
         return PFormerLM(pformer, llm, weights, mask_token_id=tokenizer.mask_token_id, protected_ids=protected)
@@ -123,7 +114,260 @@ class PFormerStage:
         text_data.load_tokenizer(local_model(cfg.model.pformer, s3)).save_pretrained(directory / "pformer")
 
 
-STAGES = {"pformer": PFormerStage}
+# ---------------------------------------------------------------------------------------------
+# stages 1 and 2
+
+
+def resolve_checkpoint(key: str, uri: str, s3: storage.S3Options) -> str:
+    """`uri` when it is a checkpoint (holds manifest.json), else the latest `checkpoint_*` inside it (a run
+    folder `storage_path/name`). ConfigError naming `key` when neither."""
+    if storage.exists(storage.join(uri, MANIFEST_FILE), s3):
+        return uri
+    try:
+        fs, path = storage.resolve(uri, s3)
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot list {uri}: {err}") from None
+    found = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith("checkpoint_"))
+    for name in reversed(found):
+        candidate = storage.join(uri, name)
+        if storage.exists(storage.join(candidate, MANIFEST_FILE), s3):
+            return candidate
+    raise ConfigError(f"{key}: no checkpoint at {uri} (expected a checkpoint folder with {MANIFEST_FILE}, "
+                      f"or a run folder with checkpoint_* folders)")
+
+
+def read_json(uri: str, s3: storage.S3Options | None = None) -> dict[str, Any]:
+    fs, path = storage.resolve(uri, s3)
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def checkpoint_manifest(key: str, uri: str, expected: str, s3: storage.S3Options) -> dict[str, Any]:
+    manifest = read_json(storage.join(uri, MANIFEST_FILE), s3)
+    if manifest.get("stage") != expected:
+        raise CheckpointError(f"{key}: {uri} is a '{manifest.get('stage')}' checkpoint; a '{expected}' checkpoint "
+                              f"is needed (stage {STAGE_NUMBER[expected]})")
+    return manifest
+
+
+def local_checkpoint(uri: str, part: str, s3: storage.S3Options | None) -> str:
+    """A local folder holding a checkpoint's weights, manifest and the named extras folder (no optimiser)."""
+    return storage.local_model(uri, s3, only=(WEIGHTS_FILE, MANIFEST_FILE, part))
+
+
+def load_frozen_pformer(uri: str, s3: storage.S3Options | None) -> PFormer:
+    """The stage-0 P-Former from its checkpoint, strictly (every weight present and matching), frozen."""
+    directory = local_checkpoint(uri, "pformer", s3)
+    check_stage(directory, "pformer", role="init_from.pformer")
+    pformer = PFormer.from_architecture(Path(directory) / "pformer")
+    load_submodule(pformer, directory, "pformer")
+    return freeze(pformer)
+
+
+def llm_embed_dim(name_or_path: str) -> int:
+    """Width of the LLM's input embeddings, from its config alone (no weights)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    for attr in ("word_embed_proj_dim", "d_model", "hidden_size", "n_embd"):
+        if getattr(config, attr, None):
+            return int(getattr(config, attr))
+    raise ConfigError(f"model.llm: cannot tell the embedding width of {name_or_path}")
+
+
+class ImageTextStage:
+    """What stages 1 and 2 share: shard datasets, the frozen image encoder and the P-Former targets."""
+
+    name = ""
+    loss_keys: tuple[str, ...] = ()
+
+    def _check_data(self, cfg: Config, s3: storage.S3Options) -> None:
+        if not cfg.data.train:
+            raise ConfigError(f"data.train: image-text shards are required for stage '{self.name}'")
+        for key in ("train", "val"):
+            uri = getattr(cfg.data, key)
+            if uri:
+                try:
+                    image_data.check_shards(uri, cfg.data.image_format, s3)
+                except (FileNotFoundError, ValueError, OSError) as err:
+                    raise ConfigError(f"data.{key}: {err}") from None
+        check_model_path("model.vision", cfg.model.vision, s3)
+        check_model_path("model.llm", cfg.model.llm, s3)
+
+    def _check_pformer(self, cfg: Config, uri: Optional[str], llm_dim: int, s3: storage.S3Options) -> Optional[str]:
+        """Resolve and check the P-Former checkpoint the alignment loss needs (None when the weight is 0)."""
+        weight = cfg.loss.align_weight_for(self.name)
+        if weight == 0:
+            return None
+        if not uri:
+            raise ConfigError(f"loss.align_weight is {weight:g} for stage '{self.name}', which needs a stage-0 "
+                              f"P-Former: set init_from.pformer (or loss.align_weight=0 for plain BLIP-2)")
+        uri = resolve_checkpoint("init_from.pformer", uri, s3)
+        manifest = checkpoint_manifest("init_from.pformer", uri, "pformer", s3)
+        heads = read_json(storage.join(uri, "pformer", PFORMER_HEADS_FILE), s3)
+        if heads["num_query_tokens"] != cfg.model.num_query_tokens:
+            raise ConfigError(f"init_from.pformer predicts {heads['num_query_tokens']} prompts but "
+                              f"model.num_query_tokens is {cfg.model.num_query_tokens}: the P-Former and the Q-Former "
+                              f"must have the same prompt length (train a P-Former with that length)")
+        if heads["llm_dim"] != llm_dim:
+            raise ConfigError(f"init_from.pformer was trained for an LLM of width {heads['llm_dim']} "
+                              f"({manifest.get('frozen', {}).get('llm')}); this run's LLM has width {llm_dim}")
+        return uri
+
+    def image_size(self, cfg: Config, s3: storage.S3Options | None) -> int:
+        from app.models.vision import vision_config
+
+        return cfg.data.image_size or int(vision_config(storage.local_model(cfg.model.vision, s3)).image_size)
+
+    def caption_spec(self, cfg: Config, s3: storage.S3Options | None) -> image_data.CaptionSpec:
+        raise NotImplementedError
+
+    def datasets(self, cfg: Config, counter, s3: storage.S3Options) -> dict[str, Any]:
+        size, spec = self.image_size(cfg, s3), self.caption_spec(cfg, s3)
+        out = {"train": image_data.image_text_dataset(cfg.data.train, cfg, train=True, image_size=size, captions=spec,
+                                                      counter=counter, s3=s3)}
+        if cfg.data.val:
+            rows = cfg.data.val_max_batches * cfg.train.batch_size_per_worker * cfg.scaling.num_workers
+            out["val"] = image_data.image_text_dataset(cfg.data.val, cfg, train=False, image_size=size, captions=spec,
+                                                       counter=counter, count_prefix="val_", s3=s3).limit(rows)
+        return out
+
+    def vision(self, cfg: Config, s3: storage.S3Options | None):
+        from app.models.vision import VisionEncoder
+
+        return VisionEncoder.from_pretrained(storage.local_model(cfg.model.vision, s3),
+                                             dtype=resolve_dtype(cfg.model.vision_dtype, cfg.scaling.use_gpu))
+
+    def pformer(self, cfg: Config, s3: storage.S3Options | None) -> Optional[PFormer]:
+        if cfg.loss.align_weight_for(self.name) == 0:
+            return None
+        return load_frozen_pformer(cfg.init_from.pformer, s3)
+
+    def save_extras(self, model, directory: Path, cfg: Config, s3: storage.S3Options | None = None) -> None:
+        """The Q-Former's architecture and tokenizer ([DEC] included), for stage 2, evaluation and export."""
+        unwrap(model.qformer).save_architecture(directory / "qformer")
+        model.qformer_tokenizer.save_pretrained(directory / "qformer")
+
+
+class QFormerStage(ImageTextStage):
+    """Stage 1: Q-Former representation learning (ITC, ITM, ITG) plus the P-Former alignment loss."""
+
+    name = "qformer"
+    loss_keys = ("itc_loss", "itm_loss", "itg_loss", "align_loss", "align_mse")
+
+    def validate(self, cfg: Config, s3: storage.S3Options) -> Config:
+        self._check_data(cfg, s3)
+        check_model_path("model.qformer", cfg.model.qformer, s3)
+        cfg = cfg.model_copy(deep=True)
+        llm_dim = llm_embed_dim(storage.local_model(cfg.model.llm, s3))
+        cfg.init_from.pformer = self._check_pformer(cfg, cfg.init_from.pformer, llm_dim, s3)
+        cfg.loss.align_weight = cfg.loss.align_weight_for(self.name)
+        if cfg.loss.itm_weight > 0 and cfg.train.batch_size_per_worker * cfg.scaling.num_workers < 2:
+            raise ConfigError("train.batch_size_per_worker: ITM draws negatives from the global batch, which needs "
+                              "at least 2 samples")
+        return cfg
+
+    def caption_spec(self, cfg: Config, s3) -> image_data.CaptionSpec:
+        pformer = storage.join(cfg.init_from.pformer, "pformer") if cfg.init_from.pformer else None
+        return image_data.CaptionSpec(qformer=cfg.model.qformer, pformer=pformer, max_txt_len=cfg.data.max_txt_len,
+                                      max_chars=cfg.data.max_chars)
+
+    def build_model(self, cfg: Config, s3: storage.S3Options | None = None):
+        from app.models.blip2 import QFormerPretrain, Stage1Weights
+        from app.models.qformer import QFormer
+
+        vision = self.vision(cfg, s3)
+        qformer, tokenizer = QFormer.from_bert(
+            storage.local_model(cfg.model.qformer, s3), num_query_tokens=cfg.model.num_query_tokens,
+            encoder_hidden_size=vision.width, llm_dim=llm_embed_dim(storage.local_model(cfg.model.llm, s3)),
+            cross_attention_frequency=cfg.model.cross_attention_freq, contrastive_dim=cfg.model.contrastive_dim,
+            temp_init=cfg.model.temp_init)
+        weights = Stage1Weights(itc=cfg.loss.itc_weight, itm=cfg.loss.itm_weight, itg=cfg.loss.itg_weight,
+                                align=cfg.loss.align_weight_for(self.name), label_smoothing=cfg.loss.label_smoothing)
+        model = QFormerPretrain(vision, qformer, self.pformer(cfg, s3), weights)
+        model.qformer_tokenizer = tokenizer
+        return model
+
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["qformer_mask"].sum()
+
+    def manifest(self, cfg: Config) -> dict[str, Any]:
+        return {"stage": self.name, "frozen": {"vision": cfg.model.vision, "pformer": cfg.init_from.pformer,
+                                               "llm": cfg.model.llm},
+                "qformer_init": cfg.model.qformer, "num_query_tokens": cfg.model.num_query_tokens,
+                "align_weight": cfg.loss.align_weight_for(self.name)}
+
+
+class LLMStage(ImageTextStage):
+    """Stage 2: Q-Former -> llm_proj -> frozen LLM (LM or prefix-LM loss) plus the P-Former alignment loss."""
+
+    name = "llm"
+    loss_keys = ("lm_loss", "align_loss", "align_mse")
+
+    def validate(self, cfg: Config, s3: storage.S3Options) -> Config:
+        self._check_data(cfg, s3)
+        cfg = cfg.model_copy(deep=True)
+        if not cfg.init_from.qformer:
+            raise ConfigError("init_from.qformer: stage 'llm' starts from a stage-1 checkpoint; set it to the "
+                              "checkpoint (or run folder) of jobs.pretrain_qformer")
+        cfg.init_from.qformer = resolve_checkpoint("init_from.qformer", cfg.init_from.qformer, s3)
+        manifest = checkpoint_manifest("init_from.qformer", cfg.init_from.qformer, "qformer", s3)
+        frozen = manifest.get("frozen", {})
+        if frozen.get("vision") and frozen["vision"] != cfg.model.vision:
+            raise ConfigError(f"model.vision is {cfg.model.vision}, but the stage-1 checkpoint "
+                              f"{cfg.init_from.qformer} was trained on {frozen['vision']}")
+        heads = read_json(storage.join(cfg.init_from.qformer, "qformer", QFORMER_HEADS_FILE), s3)
+        if heads["num_query_tokens"] != cfg.model.num_query_tokens:
+            raise ConfigError(f"model.num_query_tokens is {cfg.model.num_query_tokens}, but the stage-1 Q-Former has "
+                              f"{heads['num_query_tokens']} queries")
+        llm_dim = llm_embed_dim(storage.local_model(cfg.model.llm, s3))
+        if heads["llm_dim"] != llm_dim:
+            raise ConfigError(f"the stage-1 Q-Former's llm_proj_q maps to width {heads['llm_dim']}, but model.llm "
+                              f"({cfg.model.llm}) has width {llm_dim}: run stage 1 with the same model.llm")
+        # The P-Former: as configured, else the one stage 1 was aligned to (recorded in its manifest).
+        cfg.init_from.pformer = self._check_pformer(cfg, cfg.init_from.pformer or frozen.get("pformer"), llm_dim, s3)
+        cfg.loss.align_weight = cfg.loss.align_weight_for(self.name)
+        return cfg
+
+    def caption_spec(self, cfg: Config, s3) -> image_data.CaptionSpec:
+        pformer = storage.join(cfg.init_from.pformer, "pformer") if cfg.init_from.pformer else None
+        return image_data.CaptionSpec(pformer=pformer, llm=cfg.model.llm,
+                                      llm_is_encoder_decoder=llm_is_encoder_decoder(storage.local_model(cfg.model.llm, s3)),
+                                      prompt=cfg.model.prompt, max_txt_len=cfg.data.max_txt_len,
+                                      max_chars=cfg.data.max_chars)
+
+    def build_model(self, cfg: Config, s3: storage.S3Options | None = None):
+        from transformers import AutoTokenizer
+
+        from app.models.blip2 import LLMPretrain, Stage2Weights
+        from app.models.qformer import QFormer
+
+        directory = local_checkpoint(cfg.init_from.qformer, "qformer", s3)
+        check_stage(directory, "qformer", role="init_from.qformer")
+        qformer = QFormer.from_architecture(Path(directory) / "qformer")
+        load_submodule(qformer, directory, "qformer")
+        llm_path = storage.local_model(cfg.model.llm, s3)
+        llm = FrozenLLM.from_pretrained(llm_path, dtype=resolve_dtype(cfg.model.llm_dtype, cfg.scaling.use_gpu))
+        prompt_length = 0 if llm.is_encoder_decoder else image_data.prompt_length(llm_path, cfg.model.prompt)
+        weights = Stage2Weights(lm=cfg.loss.lm_weight, align=cfg.loss.align_weight_for(self.name))
+        model = LLMPretrain(self.vision(cfg, s3), qformer, llm, self.pformer(cfg, s3), weights, prompt_length)
+        model.qformer_tokenizer = AutoTokenizer.from_pretrained(Path(directory) / "qformer")
+        return model
+
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(batch[k].sum() for k in ("llm_mask", "llm_target_mask") if k in batch)
+
+    def manifest(self, cfg: Config) -> dict[str, Any]:
+        return {"stage": self.name, "frozen": {"vision": cfg.model.vision, "pformer": cfg.init_from.pformer,
+                                               "llm": cfg.model.llm},
+                "init_from": {"qformer": cfg.init_from.qformer}, "num_query_tokens": cfg.model.num_query_tokens,
+                "align_weight": cfg.loss.align_weight_for(self.name), "prompt": cfg.model.prompt}
+
+
+STAGE_NUMBER = {"pformer": 0, "qformer": 1, "llm": 2}
+STAGES = {"pformer": PFormerStage, "qformer": QFormerStage, "llm": LLMStage}
 
 
 def get_stage(name: str):

@@ -78,3 +78,126 @@ def s3_bucket(s3_endpoint, request):
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=name)
     return name
+
+
+FLICKR = SHARED_DATA / "flickr8k"
+STAGE0_CONFIG = ROOT / "configs" / "tiny" / "stage0.yaml"
+# Stage-0 P-Formers trained once per session on real COCO captions; the stage-0 learning test checks their
+# curves and the stage-1/2 tests start from them. The tiny T5 needs more steps to use its prompt.
+STAGE0_STEPS = {"opt": 300, "t5": 800}
+STAGE0_WINDOW = {"opt": 20, "t5": 40}
+
+
+@pytest.fixture(scope="session")
+def tiny_vision(tmp_path_factory) -> dict[str, str]:
+    """Tiny random vision towers (Blip2VisionModel and CLIPVisionModel) with image-processor configs."""
+    from app.models.tiny import build_tiny_vision
+
+    root = tmp_path_factory.mktemp("vision")
+    return {kind: build_tiny_vision(root / kind, kind=kind) for kind in ("blip2", "clip")}
+
+
+@pytest.fixture(scope="session")
+def stage0(ray_session, tiny_models, shared_data, tmp_path_factory) -> dict:
+    """{"opt": summary, "t5": summary, "mlflow_uri": ...}: trained lazily, one LLM family at a time."""
+    from app.config import load_config
+    from app.train.launcher import run_stage
+
+    root = tmp_path_factory.mktemp("stage0")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+
+    class Lazy(dict):
+        def __missing__(self, kind):
+            steps, window = STAGE0_STEPS[kind], STAGE0_WINDOW[kind]
+            cfg = load_config(STAGE0_CONFIG, [
+                f"run.storage_path={root / 'ckpt'}", f"mlflow.tracking_uri={uri}", f"run.name=stage0-{kind}",
+                f"model.pformer={tiny_models['bert']}", f"model.llm={tiny_models[kind]}",
+                f"data.text={shared_data / 'text' / 'coco_val2014_captions.tsv'}", "model.num_query_tokens=32",
+                f"train.max_steps={steps}", "train.batch_size_per_worker=32", "train.warmup_steps=20",
+                f"train.log_every_steps={window}", f"train.checkpoint_every_steps={steps}"])
+            self[kind] = run_stage(cfg)
+            return self[kind]
+
+    return Lazy(mlflow_uri=uri)
+
+
+def subset_captions(path: Path, count: int, start: int = 0) -> Path:
+    """A captions.json listing `count` Flickr8k photos (sorted names from `start`) with their captions."""
+    import json
+
+    captions = json.loads((FLICKR / "captions.json").read_text())
+    names = sorted(captions)[start:start + count]
+    path.write_text(json.dumps({name: captions[name] for name in names}))
+    return path
+
+
+def make_shards_cli(*args: str, timeout: int = 300):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "jobs.make_shards", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def flickr_shards(shared_data, tmp_path_factory) -> Path:
+    """WebDataset shards (one sample per caption) of 48 real Flickr8k photos, written by jobs.make_shards."""
+    root = tmp_path_factory.mktemp("flickr")
+    out = root / "shards"
+    done = make_shards_cli("--images", FLICKR / "images", "--captions", subset_captions(root / "captions.json", 48),
+                           "--out", out, "--shard-size", "80")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# bad image-text samples, made from real photos
+
+
+def photo(index: int = 0) -> bytes:
+    return sorted((FLICKR / "images").iterdir())[index].read_bytes()
+
+
+def encoded(image, fmt: str) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_tar(path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def bad_samples(num_good: int = 6) -> list[tuple[str, dict[str, bytes]]]:
+    """Good Flickr8k samples plus one of each problem (8 bad, 3 convertible); keys sort in this order."""
+    import io
+    import json
+
+    from PIL import Image
+
+    rgb = Image.open(io.BytesIO(photo(1))).convert("RGB")
+    captions = json.loads((FLICKR / "captions.json").read_text())
+    names = sorted(captions)
+    samples = [(f"a{i:02d}", {"jpg": photo(i), "txt": captions[names[i]][0].encode()}) for i in range(num_good)]
+    samples += [
+        ("b_truncated", {"jpg": photo(2)[: len(photo(2)) // 2], "txt": b"a truncated photo"}),
+        ("c_no_caption", {"jpg": photo(3)}),
+        ("d_empty_caption", {"jpg": photo(4), "txt": b"  \t "}),
+        ("e_cmyk", {"jpg": encoded(rgb.convert("CMYK"), "JPEG"), "txt": b"a cmyk photo"}),
+        ("f_gray", {"jpg": encoded(rgb.convert("L"), "JPEG"), "txt": b"a grayscale photo"}),
+        ("g_alpha", {"png": encoded(rgb.convert("RGBA"), "PNG"), "json": json.dumps({"caption": "a png"}).encode()}),
+        ("h_not_an_image", {"jpg": b"<html>404</html>", "txt": b"an error page"}),
+        ("i_no_image", {"txt": b"a caption without its image"}),
+    ]
+    return samples

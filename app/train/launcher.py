@@ -17,14 +17,10 @@ import ray.data
 
 from app import storage, tracking
 from app.config import Config, ConfigError
-from app.data.stats import create_counter, read_counts
+from app.data.stats import DataError, create_counter, read_counts, read_examples, skipped_problem
 from app.stages import get_stage, looks_local
 
 logger = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """The data produced nothing to train on (every row skipped, or fewer rows than one batch)."""
 
 
 def init_ray(cfg: Config) -> bool:
@@ -60,9 +56,12 @@ def resolve_paths(cfg: Config) -> Config:
     if not storage.is_s3(cfg.run.storage_path):
         cfg.run.storage_path = storage.resolve(cfg.run.storage_path)[1]
     cfg.mlflow.tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    if cfg.data.text and not storage.is_s3(cfg.data.text):
-        cfg.data.text = storage.resolve(cfg.data.text)[1]
-    for key in ("pformer", "llm"):
+    for section, keys in ((cfg.data, ("text", "train", "val")), (cfg.init_from, ("pformer", "qformer"))):
+        for key in keys:
+            value = getattr(section, key)
+            if value and not storage.is_s3(value):
+                setattr(section, key, storage.resolve(value)[1])
+    for key in ("pformer", "llm", "vision", "qformer"):
         value = getattr(cfg.model, key)
         if looks_local(value):
             setattr(cfg.model, key, storage.resolve(value)[1])
@@ -86,7 +85,7 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None) -> dict[str, Any
     stage = get_stage(cfg.stage)
     cfg = resolve_paths(cfg)
     s3 = storage.S3Options.from_config(cfg)
-    stage.validate(cfg, s3)
+    cfg = stage.validate(cfg, s3)
     storage_fs, storage_path = storage.resolve(cfg.run.storage_path, s3)
     try:
         previous = existing_checkpoints(cfg, s3)
@@ -108,9 +107,11 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None) -> dict[str, Any
         # One progress line per report comes from the trainer; per-operator bars would drown it.
         ray.data.DataContext.get_current().enable_operator_progress_bars = False
         counter = create_counter()
+        datasets = stage.datasets(cfg, counter, s3)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "counter": counter},
+            train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "counter": counter,
+                               "has_val": "val" in datasets},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
             run_config=RunConfig(
@@ -118,15 +119,28 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None) -> dict[str, Any
                 storage_filesystem=storage_fs if storage.is_s3(cfg.run.storage_path) else None,
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_checkpoints_to_keep)),
-            datasets=stage.datasets(cfg, counter, s3),
+            datasets=datasets,
             dataset_config=data_config(cfg, local),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception:
+            # A worker stops the run when too many samples are unusable; say so plainly, naming examples.
+            problem = skipped_problem(read_counts(counter), cfg.data.max_skipped_fraction, read_examples(counter),
+                                      final=True)
+            if problem:
+                raise DataError(problem) from None
+            raise
         counts = read_counts(counter)
         metrics = dict(result.metrics or {})
+        data_uri = cfg.data.text or cfg.data.train or "the data"
+        problem = skipped_problem(counts, cfg.data.max_skipped_fraction, read_examples(counter), final=True)
         if result.checkpoint is None or not metrics.get("step"):
-            raise DataError(f"no training step ran: {cfg.data.text or 'the data'} yielded no full batch of "
-                            f"{cfg.train.batch_size_per_worker} per worker; data counts: {counts or 'none'}")
+            raise DataError(f"no training step ran: {data_uri} yielded no full batch of "
+                            f"{cfg.train.batch_size_per_worker} per worker; data counts: {counts or 'none'}"
+                            + (f"; {problem}" if problem else ""))
+        if problem:
+            raise DataError(f"{problem} (checkpoint kept: {result.checkpoint.path})")
         checkpoint_uri = storage.to_uri(result.checkpoint.filesystem, result.checkpoint.path) \
             if storage.is_s3(cfg.run.storage_path) else result.checkpoint.path
         tracking.log_metrics(cfg.mlflow.tracking_uri, run_id, {f"data_{k}": v for k, v in counts.items()},
@@ -147,7 +161,8 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None) -> dict[str, Any
         # with the latest one (from an earlier launch): it resumed from, and stopped at, that step.
         "resumed_from_step": (int(metrics["step"]) if resuming and checkpoint_uri.rstrip("/").endswith(previous[-1])
                               else int(metrics.get("resumed_from_step", 0))),
-        "metrics": {k: metrics[k] for k in (*stage.loss_keys, "loss") if k in metrics},
+        "metrics": {k: metrics[k] for k in (*stage.loss_keys, "loss", *(f"val_{k}" for k in (*stage.loss_keys, "loss")))
+                    if k in metrics},
         "throughput": {k: metrics[k] for k in ("samples_per_s", "tokens_per_s") if k in metrics},
         "data": counts,
     }

@@ -26,7 +26,7 @@ import torch
 
 from app import storage, tracking
 from app.config import Config
-from app.data.stats import read_counts
+from app.data.stats import DataError, read_counts, read_examples, skipped_problem
 from app.stages import get_stage, trim_padding
 from app.train import dist
 from app.train.checkpoint import TrainerState, load_trainable, load_training_state, save_checkpoint
@@ -132,10 +132,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     params = list(model.trainable_parameters())
     window = Window(list(stage.loss_keys) + ["loss"], device)
     shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None
     last_metrics: dict[str, float] = {}
     last_saved = state.step if checkpoint is not None else -1  # the restored checkpoint is already saved
     reported = False
     config_yaml = cfg.to_yaml()
+
+    def validate() -> dict[str, float]:
+        """Mean of each loss term over the validation shard (capped by the driver at data.val_max_batches)."""
+        val_window = Window(list(stage.loss_keys) + ["loss"], device)
+        model.eval()
+        with torch.no_grad():
+            for batch in val_shard.iter_torch_batches(batch_size=cfg.train.batch_size_per_worker, drop_last=True,
+                                                      prefetch_batches=cfg.data.prefetch_batches):
+                batch = trim_padding(_to_device(batch, device))
+                with autocast:
+                    losses = model(batch)
+                val_window.add(losses, samples=cfg.train.batch_size_per_worker, tokens=stage.count_tokens(batch))
+        model.train()
+        means = val_window.reduce() or {}
+        return {f"val_{k}": v for k, v in means.items() if k in val_window.keys}
+
+    def check_data() -> None:
+        """Stop the run when more samples were unusable than data.max_skipped_fraction allows."""
+        problem = skipped_problem(read_counts(counter), cfg.data.max_skipped_fraction, read_examples(counter))
+        if problem:
+            raise DataError(problem)
 
     def report(save: bool) -> None:
         nonlocal last_metrics, last_saved, reported
@@ -143,6 +165,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics = window.reduce() or last_metrics  # an empty window (data ran out) repeats the last numbers
         metrics.update(step=state.step, epoch=state.epoch, lr=scheduler.get_last_lr()[0],
                        **_memory_metrics(device))
+        if save and val_shard is not None:
+            metrics.update(validate())
+        if rank == 0 and counter is not None:
+            check_data()
         last_metrics = dict(metrics)
         dir_name = f"checkpoint_{state.step:08d}"
         with tempfile.TemporaryDirectory() as tmp:
@@ -158,6 +184,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             last_saved = state.step
         if rank == 0:
             losses = " ".join(f"{k}={metrics[k]:.4f}" for k in stage.loss_keys if k in metrics)
+            losses += "".join(f" val_{k}={metrics[f'val_{k}']:.4f}" for k in stage.loss_keys if f"val_{k}" in metrics)
             progress(f"[{cfg.stage}] step {state.step}/{cfg.train.max_steps} {losses} lr={metrics['lr']:.2e} "
                      f"samples/s={metrics.get('samples_per_s', 0.0):.1f} "
                      f"tokens/s={metrics.get('tokens_per_s', 0.0):.0f}")
@@ -170,7 +197,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             except Exception as err:  # tracking trouble must not kill a long run
                 logger.warning("MLflow logging failed at step %d: %s", state.step, err)
 
-    # 2. Epochs over the streamed shard until max_steps.
+    # 2. Validation losses before any training, so every run's curve starts from its initial model.
+    if val_shard is not None and checkpoint is None:
+        initial = validate()
+        if rank == 0 and initial:
+            progress(f"[{cfg.stage}] step 0 " + " ".join(f"{k}={v:.4f}" for k, v in initial.items()))
+            try:
+                tracking.log_metrics(cfg.mlflow.tracking_uri, run_id, initial, step=0)
+            except Exception as err:
+                logger.warning("MLflow logging failed at step 0: %s", err)
+
+    # 3. Epochs over the streamed shard until max_steps.
     while state.epoch < cfg.train.epochs and state.step < cfg.train.max_steps:
         skip = state.batches_in_epoch
         batches = shard.iter_torch_batches(
@@ -212,7 +249,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.epoch += 1
             state.batches_in_epoch = 0
 
-    # 3. Final report and checkpoint (also when the data ran out before max_steps).
+    # 4. Final report and checkpoint (also when the data ran out before max_steps).
     if state.step > 0 and last_saved != state.step:
         report(save=True)
     elif not reported:  # nothing to train (no data, or a resumed run that had already finished)

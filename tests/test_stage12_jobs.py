@@ -1,0 +1,271 @@
+"""Stages 1 and 2 end to end: real Flickr8k photos in shards written by jobs.make_shards, real Ray (local),
+real MLflow (SQLite), a real S3 endpoint (moto), the session's stage-0 P-Formers, tiny frozen models."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from app.config import load_config
+from app.train.launcher import run_stage
+
+from conftest import FLICKR, ROOT, make_shards_cli
+
+STAGE1 = ROOT / "configs" / "tiny" / "stage1.yaml"
+STAGE2 = ROOT / "configs" / "tiny" / "stage2.yaml"
+STAGE2_T5 = ROOT / "configs" / "tiny" / "stage2_t5.yaml"
+
+
+def mlflow_client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def history(uri, run_id, key) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in sorted(mlflow_client(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, kind="opt", storage=None, **extra) -> list[str]:
+    items = {"run.storage_path": storage or str(tmp_path / "ckpt"), "mlflow.tracking_uri": mlflow_uri,
+             "model.qformer": tiny_models["bert"], "model.llm": tiny_models[kind], "model.vision": tiny_vision["blip2"],
+             "model.num_query_tokens": 32, **extra}
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+# ---------------------------------------------------------------------------------------------
+# the shard writer
+
+
+def test_make_shards_ingests_flickr8k_as_is(ray_session, tmp_path, shared_data):
+    from app.data.images import read_image_text
+
+    done = make_shards_cli("--images", FLICKR / "images", "--captions", FLICKR / "captions.json",
+                           "--out", tmp_path / "shards", "--shard-size", "1000", "--summary", tmp_path / "index.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    index = json.loads((tmp_path / "index.json").read_text())
+    captions = json.loads((FLICKR / "captions.json").read_text())
+    assert index["files"] == len(captions) == 875
+    assert index["samples"] == sum(len(c) for c in captions.values()) == 4375
+    assert index["shards"] == [f"shard-{i:05d}.tar" for i in range(5)]
+    keys = []
+    for name in index["shards"]:
+        with tarfile.open(tmp_path / "shards" / name) as tar:
+            members = tar.getnames()
+        shard_keys = list(dict.fromkeys(m.split(".")[0] for m in members))
+        assert all({f"{k}.jpg", f"{k}.txt", f"{k}.json"} <= set(members) for k in shard_keys)
+        keys += shard_keys
+    assert keys == sorted(keys) and len(set(keys)) == 4375
+    # Read back through the training reader: every sample, its caption, its original JPEG bytes.
+    rows = read_image_text(str(tmp_path / "shards")).take_all()
+    assert len(rows) == 4375 and not any(r["problem"] for r in rows)
+    first = min(rows, key=lambda r: r["key"])
+    name = sorted(captions)[0]
+    assert first["captions"] == [captions[name][0]]
+    assert first["image"] == (FLICKR / "images" / name).read_bytes()
+
+
+def test_make_shards_per_file_to_s3_and_bad_inputs(ray_session, tmp_path, s3_endpoint, s3_bucket):
+    import boto3
+
+    from conftest import subset_captions
+
+    listing = subset_captions(tmp_path / "captions.json", 10)
+    data = json.loads(listing.read_text())
+    data["no_such_photo.jpg"] = ["a photo that is not there"]
+    data["uncaptioned.jpg"] = []
+    listing.write_text(json.dumps(data))
+    done = make_shards_cli("--images", FLICKR / "images", "--captions", listing, "--out", f"s3://{s3_bucket}/per-file",
+                           "--per", "file", "--shard-size", "4", "--s3-endpoint", s3_endpoint, "--s3-region", "us-east-1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipped: 1 missing files, 1 without captions" in done.stdout
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    names = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="per-file/")["Contents"]
+                   if not o["Key"].endswith("/"))  # pyarrow leaves a folder marker
+    assert names == ["per-file/_index.json"] + [f"per-file/shard-{i:05d}.tar" for i in range(3)]
+    index = json.loads(s3.get_object(Bucket=s3_bucket, Key="per-file/_index.json")["Body"].read())
+    assert index["samples"] == 10 and index["per"] == "file"
+
+    missing = make_shards_cli("--images", tmp_path / "nowhere", "--captions", listing, "--out", tmp_path / "x")
+    assert missing.returncode == 2 and "no such folder" in missing.stderr
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    bad = make_shards_cli("--images", FLICKR / "images", "--captions", tmp_path / "bad.json", "--out", tmp_path / "x")
+    assert bad.returncode == 2 and "expected a mapping" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# chained runs: stage 0 -> 1 -> 2
+
+
+def run_chain(tmp_path, stage0, tiny_models, tiny_vision, mlflow_uri, kind, train_uri, storage=None, s3_endpoint=None):
+    extra = {"storage.s3_endpoint": s3_endpoint, "storage.s3_region": "us-east-1"} if s3_endpoint else {}
+    # Training revisits the 240 samples ten times; validation scores 64 of them with eval transforms.
+    common = dict(kind=kind, storage=storage, **{"data.train": train_uri, "data.val": train_uri, "train.max_steps": 150,
+                                                 "train.epochs": 10,
+                                                 "train.log_every_steps": 25, "train.checkpoint_every_steps": 150},
+                  **extra)
+    stage1 = run_stage(load_config(STAGE1, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **common, **{
+        "run.name": f"s1-{kind}", "init_from.pformer": stage0[kind]["checkpoint"]})))
+    stage2_config = STAGE2_T5 if kind == "t5" else STAGE2
+    run_folder = f"{storage or tmp_path / 'ckpt'}/s1-{kind}"  # a run folder: its latest checkpoint is used
+    stage2 = run_stage(load_config(stage2_config, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **common, **{
+        "run.name": f"s2-{kind}", "init_from.qformer": run_folder})))
+    return stage1, stage2
+
+
+def check_chain(stage0, stage1, stage2, mlflow_uri):
+    # Every loss term is logged separately, from step 0 (validation before training) on.
+    for key in ("itc_loss", "itm_loss", "itg_loss", "align_loss", "align_mse", "loss"):
+        assert history(mlflow_uri, stage1["mlflow_run_id"], key), key
+    for key in ("lm_loss", "align_loss", "align_mse", "loss"):
+        assert history(mlflow_uri, stage2["mlflow_run_id"], key), key
+    # The main loss falls in each stage, measured on fixed validation samples (eval transforms).
+    for summary, key in ((stage1, "val_loss"), (stage2, "val_lm_loss")):
+        curve = history(mlflow_uri, summary["mlflow_run_id"], key)
+        assert curve[0][0] == 0 and curve[-1][0] == summary["step"]
+        print(summary["stage"], key, curve)
+        assert curve[-1][1] < curve[0][1] - 0.02, (summary["stage"], curve)
+    # The checkpoints chain: stage 2 started from stage 1's last checkpoint, aligned to stage 0's P-Former.
+    stage1_manifest = read_manifest(stage1["checkpoint"], stage1)
+    stage2_manifest = read_manifest(stage2["checkpoint"], stage2)
+    assert stage1_manifest["frozen"]["pformer"] == stage0["checkpoint"]
+    assert stage2_manifest["init_from"]["qformer"] == stage1["checkpoint"]
+    assert stage2_manifest["frozen"]["pformer"] == stage0["checkpoint"]
+    assert stage1_manifest["align_weight"] == 10 and stage2_manifest["align_weight"] == 100
+
+
+def read_manifest(uri, summary):
+    from app import storage
+    from app.stages import read_json
+
+    return read_json(storage.join(uri, "manifest.json"), s3_options(summary))
+
+
+def s3_options(summary):
+    from app import storage
+
+    return storage.S3Options(summary.get("s3_endpoint"), "us-east-1")
+
+
+def test_chain_opt_from_local_shards(stage0, flickr_shards, tmp_path, tiny_models, tiny_vision, mlflow_uri):
+    stage1, stage2 = run_chain(tmp_path, stage0, tiny_models, tiny_vision, mlflow_uri, "opt", str(flickr_shards))
+    check_chain(stage0["opt"], stage1, stage2, mlflow_uri)
+    assert stage1["data"]["rows_kept"] > 0 and not any(k.startswith("skipped") for k in stage1["data"])
+
+
+def test_chain_t5_from_s3_shards_and_checkpoints(stage0, flickr_shards, tmp_path, tiny_models, tiny_vision, mlflow_uri,
+                                                 s3_endpoint, s3_bucket):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    for path in sorted(flickr_shards.iterdir()):
+        s3.upload_file(str(path), s3_bucket, f"flickr/{path.name}")
+    storage = f"s3://{s3_bucket}/checkpoints"
+    stage1, stage2 = run_chain(tmp_path, stage0, tiny_models, tiny_vision, mlflow_uri, "t5", f"s3://{s3_bucket}/flickr",
+                               storage=storage, s3_endpoint=s3_endpoint)
+    stage1["s3_endpoint"] = stage2["s3_endpoint"] = s3_endpoint
+    assert stage1["checkpoint"].startswith(storage) and stage2["checkpoint"].startswith(storage)
+    check_chain(stage0["t5"], stage1, stage2, mlflow_uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# strict hand-off and fail-fast configs (no Ray needed: the checks run before it starts)
+
+
+def _job(module, args, timeout=300):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "RAY_ADDRESS": ""})
+
+
+@pytest.mark.parametrize("case", ["stage0_as_stage1", "no_qformer", "no_pformer", "prompt_length", "no_shards"])
+def test_bad_hand_off_fails_fast_with_a_message(case, stage0, flickr_shards, tmp_path, tiny_models, tiny_vision):
+    base = stage_args(tmp_path, tiny_models, tiny_vision, f"sqlite:///{tmp_path / 'm.db'}",
+                      **{"data.train": flickr_shards})
+    pformer = stage0["opt"]["checkpoint"]
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "captions.txt").write_text("a folder with no shards in it\n")
+    module, config, extra, message = {
+        "stage0_as_stage1": ("jobs.pretrain_llm", STAGE2, [f"init_from.qformer={pformer}"],
+                             "is a 'pformer' checkpoint; a 'qformer' checkpoint is needed (stage 1)"),
+        "no_qformer": ("jobs.pretrain_llm", STAGE2, ["init_from.qformer=null"], "init_from.qformer: stage 'llm' starts"),
+        "no_pformer": ("jobs.pretrain_qformer", STAGE1, ["init_from.pformer=null"],
+                       "loss.align_weight is 10 for stage 'qformer', which needs a stage-0 P-Former"),
+        "prompt_length": ("jobs.pretrain_qformer", STAGE1, [f"init_from.pformer={pformer}", "model.num_query_tokens=8"],
+                          "init_from.pformer predicts 32 prompts but model.num_query_tokens is 8"),
+        "no_shards": ("jobs.pretrain_qformer", STAGE1, [f"init_from.pformer={pformer}", f"data.train={tmp_path / 'texts'}"],
+                      "data.train: no .tar or .parquet shards found"),
+    }[case]
+    done = _job(module, ["--config", config, *base, *extra])
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Started a local Ray instance" not in done.stderr + done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# bad shards through a real run; the BLIP-2 baseline (no P-Former) path
+
+
+def test_bad_shards_train_on_the_good_samples_and_count_the_rest(ray_session, tmp_path, tiny_models, tiny_vision,
+                                                                 mlflow_uri, flickr_shards):
+    from conftest import bad_samples, write_tar
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_tar(mixed / "bad.tar", bad_samples())
+    good = (flickr_shards / "shard-00000.tar").read_bytes()  # 80 samples
+    (mixed / "cut.tar").write_bytes(good[: len(good) // 2])  # a shard cut short mid-upload
+    (mixed / "good.tar").write_bytes((flickr_shards / "shard-00001.tar").read_bytes())
+    cfg = load_config(STAGE1, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
+        "run.name": "baseline-bad-shards", "data.train": mixed, "loss.align_weight": 0, "init_from.pformer": "null",
+        "train.epochs": 1, "train.max_steps": 1000, "train.batch_size_per_worker": 8, "data.max_skipped_fraction": 0.5}))
+    summary = run_stage(cfg)  # one pass over everything: every count is final
+    counts = summary["data"]
+    assert counts["skipped_corrupt_image"] == 2 and counts["skipped_no_caption"] == 1
+    assert counts["skipped_empty_caption"] == 1 and counts["skipped_no_image"] == 1
+    assert counts["skipped_truncated_shard"] == 1
+    assert counts["converted_cmyk"] == counts["converted_l"] == counts["converted_rgba"] == 1
+    cut_rows = counts["rows_read"] - 14 - 80 - 1  # samples before the cut, then its problem row
+    assert 0 < cut_rows < 80 and counts["rows_kept"] == 9 + 80 + cut_rows
+    assert summary["step"] == counts["rows_kept"] // 8
+    # Plain BLIP-2: no alignment term, no P-Former in the manifest; the counts reached MLflow.
+    assert "align_loss" not in summary["metrics"] and {"itc_loss", "itm_loss", "itg_loss"} <= set(summary["metrics"])
+    manifest = json.loads(open(os.path.join(summary["checkpoint"], "manifest.json")).read())
+    assert manifest["frozen"]["pformer"] is None and manifest["align_weight"] == 0
+    assert history(mlflow_uri, summary["mlflow_run_id"], "data_skipped_corrupt_image")[-1][1] == 2
+
+
+def test_too_many_bad_samples_stop_the_run_naming_shard_and_key(ray_session, tmp_path, tiny_models, tiny_vision,
+                                                                mlflow_uri):
+    from app.data.stats import DataError
+    from conftest import bad_samples, write_tar
+
+    (tmp_path / "bad").mkdir()
+    shard = write_tar(tmp_path / "bad" / "bad.tar", bad_samples())  # 5 of 14 unusable > the default 10%
+    cfg = load_config(STAGE1, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
+        "run.name": "too-bad", "data.train": tmp_path / "bad", "loss.align_weight": 0, "init_from.pformer": "null",
+        "train.epochs": 1, "train.batch_size_per_worker": 4}))
+    with pytest.raises(DataError) as err:
+        run_stage(cfg)
+    message = str(err.value)
+    assert "5 of 14 samples were unusable (35.7% > data.max_skipped_fraction 0.1" in message
+    assert f"{shard} key 'b_truncated': corrupt_image" in message and "checkpoint kept" in message
+
+
+def test_two_workers_gather_features_and_negatives_across_the_global_batch(ray_session, stage0, flickr_shards,
+                                                                          tmp_path, tiny_models, tiny_vision,
+                                                                          mlflow_uri):
+    # Two DDP workers: ITC over the gathered features, ITM negatives (and caption widths) from both workers.
+    summary = run_stage(load_config(STAGE1, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
+        "run.name": "two-workers", "data.train": flickr_shards, "init_from.pformer": stage0["opt"]["checkpoint"],
+        "scaling.num_workers": 2, "train.batch_size_per_worker": 4, "train.max_steps": 6, "train.log_every_steps": 3,
+        "train.checkpoint_every_steps": 6})))
+    assert summary["step"] == 6
+    for key in ("itc_loss", "itm_loss", "itg_loss", "align_mse"):
+        assert 0 < summary["metrics"][key] < 20, key
+    # ITC over a global batch of 8 starts near log(8) = 2.08 (near-uniform similarities); a worker-local
+    # batch of 4 could not exceed log(4) = 1.39 by much.
+    first_itc = history(mlflow_uri, summary["mlflow_run_id"], "itc_loss")[0][1]
+    assert first_itc > 1.8, first_itc
