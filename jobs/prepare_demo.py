@@ -1,4 +1,4 @@
-"""Generate the embedded default's corpus and tiny models under .demo/ (cached; a rerun is instant).
+"""Generate the embedded default's corpus, image shards and tiny models under .demo/ (cached; a rerun is instant).
 
     python -m jobs.prepare_demo [--root .demo]
 """

@@ -1,6 +1,5 @@
-"""A small scene grammar: coloured shapes at positions and sizes, described by templated captions.
-
-Scenes are plain dicts so the same generator can later also draw the images that go with them.
+"""A small scene grammar: coloured shapes at positions and sizes, described by templated captions,
+and drawn as the images those captions describe (demo only).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ TWO_OBJECTS = (
     "a {size} {color} {shape} and a {size2} {color2} {shape2} on a {background} background",
     "two shapes : a {color} {shape} in the {position} and a {color2} {shape2} in the {position2}",
     "the {color} {shape} is {relation} the {color2} {shape2}",
-    "a {size} {color} {shape} with a {color2} {shape2} {relation} it",
+    "a {size} {color} {shape} {relation} a {size2} {color2} {shape2}",
 )
 
 
@@ -37,9 +36,24 @@ def random_object(rng: random.Random) -> dict:
             "position": rng.choice(POSITIONS)}
 
 
+def relation(first: dict, second: dict) -> str:
+    """Where the first object is relative to the second, from their positions (as the picture shows it)."""
+    (x1, y1), (x2, y2) = CENTRES[first["position"]], CENTRES[second["position"]]
+    if abs(x1 - x2) >= abs(y1 - y2):
+        return "to the left of" if x1 < x2 else "to the right of"
+    return "above" if y1 < y2 else "below"
+
+
 def random_scene(rng: random.Random) -> dict:
-    objects = [random_object(rng) for _ in range(rng.choice((1, 1, 2)))]
-    return {"objects": objects, "background": rng.choice(BACKGROUNDS), "relation": rng.choice(RELATIONS)}
+    objects = [random_object(rng)]
+    if rng.random() < 1 / 3:
+        second = random_object(rng)
+        second["position"] = rng.choice([p for p in POSITIONS if p != objects[0]["position"]])
+        objects.append(second)
+    scene = {"objects": objects, "background": rng.choice(BACKGROUNDS)}
+    # "next to" is true of any two objects; the exact relation is the informative one most of the time.
+    scene["relation"] = (relation(*objects) if len(objects) == 2 and rng.random() < 0.8 else "next to")
+    return scene
 
 
 def caption(scene: dict, rng: random.Random) -> str:
@@ -55,3 +69,68 @@ def caption(scene: dict, rng: random.Random) -> str:
 def corpus(num_lines: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [caption(random_scene(rng), rng) for _ in range(num_lines)]
+
+
+RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 220, 40),
+       "purple": (140, 60, 180), "orange": (245, 140, 30), "white": (250, 250, 250), "black": (15, 15, 15),
+       "pink": (245, 150, 190), "brown": (130, 80, 40), "gray": (128, 128, 128), "light blue": (170, 210, 240),
+       "beige": (225, 210, 170), "dark green": (20, 80, 40)}
+CENTRES = {"top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
+           "bottom right": (0.75, 0.75), "center": (0.5, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8),
+           "left": (0.2, 0.5), "right": (0.8, 0.5)}
+RADII = {"tiny": 0.07, "small": 0.1, "medium sized": 0.14, "large": 0.19, "big": 0.22}
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    import math
+
+    def ring(n: int, radius: float, phase: float = -math.pi / 2) -> list[tuple[float, float]]:
+        return [(cx + radius * math.cos(phase + 2 * math.pi * k / n), cy + radius * math.sin(phase + 2 * math.pi * k / n))
+                for k in range(n)]
+
+    if shape == "square":
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "triangle":
+        return ring(3, r)
+    if shape == "diamond":
+        return ring(4, r)
+    if shape == "hexagon":
+        return ring(6, r, 0.0)
+    if shape == "star":
+        outer, inner = ring(5, r), ring(5, r * 0.45, -math.pi / 2 + math.pi / 5)
+        return [p for pair in zip(outer, inner) for p in pair]
+    if shape == "cross":
+        t = r / 3
+        return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t), (cx + t, cy + t),
+                (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t), (cx - r, cy - t), (cx - t, cy - t)]
+    if shape == "heart":
+        return [(cx + r * 16 * math.sin(a) ** 3 / 17,
+                 cy - r * (13 * math.cos(a) - 5 * math.cos(2 * a) - 2 * math.cos(3 * a) - math.cos(4 * a)) / 17)
+                for a in (2 * math.pi * k / 40 for k in range(40))]
+    raise ValueError(shape)
+
+
+def draw(scene: dict, size: int = 96):
+    """The scene as an RGB PIL image: each object at its position, with its size, colour and shape."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), RGB[scene["background"]])
+    pen = ImageDraw.Draw(img)
+    for obj in scene["objects"]:
+        cx, cy = CENTRES[obj["position"]]
+        r = RADII[obj["size"]] * size
+        if obj["shape"] == "circle":
+            pen.ellipse([cx * size - r, cy * size - r, cx * size + r, cy * size + r], fill=RGB[obj["color"]])
+        else:
+            pen.polygon(_polygon(obj["shape"], cx * size, cy * size, r), fill=RGB[obj["color"]])
+    return img
+
+
+def image_text_pairs(num_images: int, captions_per_image: int = 2, seed: int = 0):
+    """[(PIL image, [captions])]: the images are drawn from the same grammar the captions describe."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(num_images):
+        scene = random_scene(rng)
+        pairs.append((draw(scene), [caption(scene, rng) for _ in range(captions_per_image)]))
+    return pairs
