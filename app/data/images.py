@@ -194,8 +194,11 @@ def read_image_text(uri: str, *, fmt: str = "auto", image_column: str = "image",
             parts.append(ds.map_batches(_parquet_to_rows, batch_format="pyarrow", fn_kwargs=dict(
                 image_column=image_column, caption_column=caption_column, uri_prefix=prefix)))
         else:
+            # One read task per shard, streaming its samples: Ray Data then fuses the read with the decode step
+            # (a read split into more blocks than files cannot fuse), so every CPU slot does decode work.
             parts.append(ray.data.read_datasource(WebDatasetSource(
-                paths, caption_field=caption_column, uri_prefix=prefix, filesystem=fs, shuffle=shuffle)))
+                paths, caption_field=caption_column, uri_prefix=prefix, filesystem=fs, shuffle=shuffle),
+                override_num_blocks=len(paths)))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
