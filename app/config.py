@@ -98,7 +98,8 @@ class DataSection(_Section):
     image_size: Optional[int] = Field(None, gt=0, description="Input resolution; None = the vision tower's image_size.")
     min_crop_scale: float = Field(0.5, gt=0, le=1, description="Training random-resized-crop area range [min_crop_scale, 1].")
     max_skipped_fraction: float = Field(
-        0.1, ge=0, le=1, description="A run fails (naming shard and key) when more samples than this are unusable.")
+        0.1, ge=0, le=1,
+        description="Stages 1-2: the run fails (naming shard and key) when more samples than this are unusable.")
     val_max_batches: int = Field(50, gt=0, description="Validation batches per worker at each evaluation.")
 
 

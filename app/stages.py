@@ -65,6 +65,7 @@ class PFormerStage:
 
     name = "pformer"
     loss_keys = ("lm_loss", "contrastive_loss", "vocab_loss")
+    limit_skipped = False  # blank lines are normal in text corpora: counted, never a reason to stop
 
     def validate(self, cfg: Config, s3: storage.S3Options) -> Config:
         if not cfg.data.text:
@@ -182,6 +183,7 @@ class ImageTextStage:
 
     name = ""
     loss_keys: tuple[str, ...] = ()
+    limit_skipped = True  # data.max_skipped_fraction applies
 
     def _check_data(self, cfg: Config, s3: storage.S3Options) -> None:
         if not cfg.data.train:

@@ -344,7 +344,7 @@ def preprocess_image_batch(batch: pa.Table, *, image_size: int, train: bool, cap
 
     def skip(row: dict, reason: str, detail: str = "") -> None:
         counts[f"skipped_{reason}"] += 1
-        examples.append({"shard": row["shard"], "key": row["key"] or "?", "reason": reason + detail})
+        examples.append({"shard": row["shard"], "key": row["key"] or "?", "reason": count_prefix + reason + detail})
 
     for row in rows:
         if row["problem"] is not None:

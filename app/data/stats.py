@@ -76,6 +76,7 @@ def skipped_problem(counts: dict[str, int], limit: float, examples: list[dict[st
     if read == 0 or (not final and read < MIN_ROWS_FOR_FRACTION) or total / read <= limit:
         return None
     reasons = ", ".join(f"{k.removeprefix('skipped_')}: {v}" for k, v in sorted(skipped.items()))
-    shown = "; ".join(f"{e['shard']} key {e['key']!r}: {e['reason']}" for e in examples[:5])
+    examples = [e for e in examples if e["reason"].startswith(prefix) and (prefix or not e["reason"].startswith("val_"))]
+    shown = "; ".join(f"{e['shard']} key {e['key']!r}: {e['reason'][len(prefix):]}" for e in examples[:5])
     return (f"{total} of {read} samples were unusable ({total / read:.1%} > data.max_skipped_fraction "
             f"{limit:g}; {reasons}); e.g. {shown or 'no examples recorded'}")

@@ -126,15 +126,16 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None) -> dict[str, Any
             result = trainer.fit()
         except Exception:
             # A worker stops the run when too many samples are unusable; say so plainly, naming examples.
-            problem = skipped_problem(read_counts(counter), cfg.data.max_skipped_fraction, read_examples(counter),
-                                      final=True)
+            problem = stage.limit_skipped and skipped_problem(
+                read_counts(counter), cfg.data.max_skipped_fraction, read_examples(counter), final=True)
             if problem:
                 raise DataError(problem) from None
             raise
         counts = read_counts(counter)
         metrics = dict(result.metrics or {})
         data_uri = cfg.data.text or cfg.data.train or "the data"
-        problem = skipped_problem(counts, cfg.data.max_skipped_fraction, read_examples(counter), final=True)
+        problem = stage.limit_skipped and skipped_problem(counts, cfg.data.max_skipped_fraction,
+                                                          read_examples(counter), final=True)
         if result.checkpoint is None or not metrics.get("step"):
             raise DataError(f"no training step ran: {data_uri} yielded no full batch of "
                             f"{cfg.train.batch_size_per_worker} per worker; data counts: {counts or 'none'}"

@@ -167,7 +167,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                        **_memory_metrics(device))
         if save and val_shard is not None:
             metrics.update(validate())
-        if rank == 0 and counter is not None:
+        if rank == 0 and counter is not None and stage.limit_skipped:
             check_data()
         last_metrics = dict(metrics)
         dir_name = f"checkpoint_{state.step:08d}"
