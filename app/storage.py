@@ -134,30 +134,38 @@ def local_model(value: str, options: S3Options | None = None, only: tuple[str, .
     """A local folder for a model given by HF id, local path, or s3:// URI (downloaded once per node
     into $PFORMER_MODEL_CACHE, default ~/.cache/pformer/models). HF ids and local paths pass through.
     `only`: download just these children (files or folders) of an s3:// folder, e.g. a checkpoint's
-    weights and manifest without its optimiser state."""
+    weights and manifest without its optimiser state.
+
+    The cache entry is keyed by the URI *and* the listing (names, sizes, modification times): an object
+    rewritten under the same URI (a run relaunched from scratch) is downloaded again, never served stale."""
     if not is_s3(value):
         return value
     import hashlib
 
+    fs, root = resolve(value, options)
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+             if i.type == pafs.FileType.File]
+    files = sorted((i.path[len(root):].lstrip("/"), i) for i in infos)
+    if only:
+        files = [(rel, i) for rel, i in files if rel.split("/", 1)[0] in only]
+    if not files:
+        raise FileNotFoundError(f"nothing to download at {value}" + (f" (looked for {list(only)})" if only else ""))
+    listing = "\n".join(f"{rel}\t{i.size}\t{i.mtime_ns}" for rel, i in files)
     cache = Path(os.environ.get("PFORMER_MODEL_CACHE", Path.home() / ".cache" / "pformer" / "models"))
-    target = cache / hashlib.sha1("|".join((value, *only)).encode()).hexdigest()[:16]
+    prefix = hashlib.sha1("|".join((value, *only)).encode()).hexdigest()[:16]
+    target = cache / f"{prefix}-{hashlib.sha1(listing.encode()).hexdigest()[:12]}"
     if not (target / ".complete").exists():
         tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-        if only:
-            fs, root = resolve(value, options)
-            tmp.mkdir(parents=True, exist_ok=True)
-            for child in only:
-                info = fs.get_file_info(f"{root}/{child}")
-                if info.type == pafs.FileType.Directory:
-                    download_dir(join(value, child), tmp / child, options)
-                elif info.type == pafs.FileType.File:
-                    pafs.copy_files(f"{root}/{child}", str(tmp / child), source_filesystem=fs,
-                                    destination_filesystem=pafs.LocalFileSystem())
-        else:
-            download_dir(value, tmp, options)
+        for rel, info in files:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(info.path, str(tmp / rel), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
         (tmp / ".complete").touch()
         try:
             tmp.rename(target)
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
+        for stale in cache.glob(f"{prefix}-*"):  # earlier contents of the same URI
+            if stale != target and not stale.name.count(".tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
     return str(target)
