@@ -54,6 +54,18 @@ def load_references(path: str | Path) -> dict[Any, list[str]]:
     return dict(refs)
 
 
+def spice_available() -> bool:
+    """SPICE needs Stanford CoreNLP jars next to pycocoevalcap's spice-1.0.jar (fetched on first use
+    when online). Without them it is reported as unavailable, and no download is attempted."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pycocoevalcap.spice.spice")
+    if spec is None or spec.origin is None:
+        return False
+    lib = Path(spec.origin).parent / "lib"
+    return (lib / "stanford-corenlp-3.6.0.jar").exists() and (lib / "stanford-corenlp-3.6.0-models.jar").exists()
+
+
 def _scorers(with_spice: bool):
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -100,7 +112,9 @@ def score_captions(results: list[dict[str, Any]], references: dict[Any, list[str
             for key, v in zip(res, values):
                 per_image[key][name] = float(v)
     metrics["SPICE"] = None
-    if spice:
+    if spice and not spice_available():
+        logger.warning("SPICE unavailable: Stanford CoreNLP models are not installed; reported as null")
+    elif spice:
         try:
             scorer, name = _scorers(with_spice=True)[-1]
             score, scores = scorer.compute_score(gts, res)
