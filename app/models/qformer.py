@@ -106,10 +106,10 @@ class QFormer(nn.Module):
                 rest = key.removeprefix("bert.encoder.")
                 rest = rest.replace(".attention.self.", ".attention.attention.")
                 mapped[f"bert.encoder.{rest}"] = value
-                for part in (".intermediate.", ".output."):
-                    if part in rest and ".attention." not in rest:
-                        query_part = part.replace(".", "", 1).rstrip(".")
-                        mapped[f"bert.encoder.{rest.replace(part, f'.{query_part}_query.')}"] = value
+                # BERT's FFN initialises both the text FFN and the query FFN (as in BLIP-2).
+                for text_ffn, query_ffn in ((".intermediate.", ".intermediate_query."), (".output.", ".output_query.")):
+                    if text_ffn in rest and ".attention." not in rest:
+                        mapped[f"bert.encoder.{rest.replace(text_ffn, query_ffn)}"] = value
             elif key.startswith("cls.predictions.transform."):
                 name = key.removeprefix("cls.predictions.transform.")
                 index = 0 if name.startswith("dense.") else 2
