@@ -179,7 +179,8 @@ def llm_embed_dim(name_or_path: str) -> int:
 
 
 class ImageTextStage:
-    """What stages 1 and 2 share: shard datasets, the frozen image encoder and the P-Former targets."""
+    """What stages 1 and 2 share: shard datasets, the frozen image encoder and the P-Former targets.
+    Each stage says which tokenizers its captions need (`caption_spec`)."""
 
     name = ""
     loss_keys: tuple[str, ...] = ()
@@ -222,9 +223,6 @@ class ImageTextStage:
         from app.models.vision import vision_config
 
         return cfg.data.image_size or int(vision_config(storage.local_model(cfg.model.vision, s3)).image_size)
-
-    def caption_spec(self, cfg: Config, s3: storage.S3Options | None) -> image_data.CaptionSpec:
-        raise NotImplementedError
 
     def datasets(self, cfg: Config, counter, s3: storage.S3Options) -> dict[str, Any]:
         size, spec = self.image_size(cfg, s3), self.caption_spec(cfg, s3)
