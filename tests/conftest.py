@@ -121,6 +121,58 @@ def stage0(ray_session, tiny_models, shared_data, tmp_path_factory) -> dict:
     return Lazy(mlflow_uri=uri)
 
 
+STAGE1_CONFIG = ROOT / "configs" / "tiny" / "stage1.yaml"
+STAGE2_CONFIG = {"opt": ROOT / "configs" / "tiny" / "stage2.yaml", "t5": ROOT / "configs" / "tiny" / "stage2_t5.yaml"}
+
+
+def stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, kind="opt", storage=None, **extra) -> list[str]:
+    items = {"run.storage_path": storage or str(tmp_path / "ckpt"), "mlflow.tracking_uri": mlflow_uri,
+             "data.val": "null",  # the tiny configs validate on .demo/ shards; tests name their own
+             "model.qformer": tiny_models["bert"], "model.llm": tiny_models[kind], "model.vision": tiny_vision["blip2"],
+             "model.num_query_tokens": 32, **extra}
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+@pytest.fixture(scope="session")
+def chains(stage0, flickr_shards, tiny_models, tiny_vision, s3_endpoint, tmp_path_factory) -> dict:
+    """Stage 0 -> 1 -> 2 on real Flickr8k shards, trained lazily per LLM family and shared by the chain tests
+    and the evaluation tests: "opt" from local shards to local checkpoints, "t5" from S3 shards to S3
+    checkpoints (moto). Each value: {"stage1": summary, "stage2": summary, "mlflow_uri", "s3_endpoint"}."""
+    import boto3
+
+    from app.config import load_config
+    from app.train.launcher import run_stage
+
+    root = tmp_path_factory.mktemp("chains")
+
+    class Lazy(dict):
+        def __missing__(self, kind):
+            mlflow_uri = f"sqlite:///{root / f'mlflow-{kind}.db'}"
+            extra, storage, train_uri = {}, None, str(flickr_shards)
+            if kind == "t5":
+                bucket = "chain-t5"
+                s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+                s3.create_bucket(Bucket=bucket)
+                for path in sorted(flickr_shards.iterdir()):
+                    s3.upload_file(str(path), bucket, f"flickr/{path.name}")
+                storage, train_uri = f"s3://{bucket}/checkpoints", f"s3://{bucket}/flickr"
+                extra = {"storage.s3_endpoint": s3_endpoint, "storage.s3_region": "us-east-1"}
+            # Training revisits the 240 samples ten times; validation scores 64 of them with eval transforms.
+            common = dict(kind=kind, storage=storage, **{
+                "data.train": train_uri, "data.val": train_uri, "train.max_steps": 150, "train.epochs": 10,
+                "train.log_every_steps": 25, "train.checkpoint_every_steps": 150}, **extra)
+            stage1 = run_stage(load_config(STAGE1_CONFIG, stage_args(root, tiny_models, tiny_vision, mlflow_uri, **common, **{
+                "run.name": f"s1-{kind}", "init_from.pformer": stage0[kind]["checkpoint"]})))
+            run_folder = f"{storage or root / 'ckpt'}/s1-{kind}"  # a run folder: its latest checkpoint is used
+            stage2 = run_stage(load_config(STAGE2_CONFIG[kind], stage_args(root, tiny_models, tiny_vision, mlflow_uri, **common, **{
+                "run.name": f"s2-{kind}", "init_from.qformer": run_folder})))
+            self[kind] = {"stage1": stage1, "stage2": stage2, "mlflow_uri": mlflow_uri,
+                          "s3_endpoint": s3_endpoint if kind == "t5" else None, "storage": storage or str(root / "ckpt")}
+            return self[kind]
+
+    return Lazy()
+
+
 def subset_captions(path: Path, count: int, start: int = 0) -> Path:
     """A captions.json listing `count` Flickr8k photos (sorted names from `start`) with their captions."""
     import json

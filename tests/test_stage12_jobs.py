@@ -12,11 +12,10 @@ import pytest
 from app.config import load_config
 from app.train.launcher import run_stage
 
-from conftest import FLICKR, ROOT, make_shards_cli
+from conftest import FLICKR, ROOT, make_shards_cli, stage_args
 
 STAGE1 = ROOT / "configs" / "tiny" / "stage1.yaml"
 STAGE2 = ROOT / "configs" / "tiny" / "stage2.yaml"
-STAGE2_T5 = ROOT / "configs" / "tiny" / "stage2_t5.yaml"
 
 
 def mlflow_client(uri):
@@ -27,14 +26,6 @@ def mlflow_client(uri):
 
 def history(uri, run_id, key) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in sorted(mlflow_client(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
-
-
-def stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, kind="opt", storage=None, **extra) -> list[str]:
-    items = {"run.storage_path": storage or str(tmp_path / "ckpt"), "mlflow.tracking_uri": mlflow_uri,
-             "data.val": "null",  # the tiny configs validate on .demo/ shards; tests name their own
-             "model.qformer": tiny_models["bert"], "model.llm": tiny_models[kind], "model.vision": tiny_vision["blip2"],
-             "model.num_query_tokens": 32, **extra}
-    return [f"{k}={v}" for k, v in items.items()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,22 +92,6 @@ def test_make_shards_per_file_to_s3_and_bad_inputs(ray_session, tmp_path, s3_end
 # chained runs: stage 0 -> 1 -> 2
 
 
-def run_chain(tmp_path, stage0, tiny_models, tiny_vision, mlflow_uri, kind, train_uri, storage=None, s3_endpoint=None):
-    extra = {"storage.s3_endpoint": s3_endpoint, "storage.s3_region": "us-east-1"} if s3_endpoint else {}
-    # Training revisits the 240 samples ten times; validation scores 64 of them with eval transforms.
-    common = dict(kind=kind, storage=storage, **{"data.train": train_uri, "data.val": train_uri, "train.max_steps": 150,
-                                                 "train.epochs": 10,
-                                                 "train.log_every_steps": 25, "train.checkpoint_every_steps": 150},
-                  **extra)
-    stage1 = run_stage(load_config(STAGE1, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **common, **{
-        "run.name": f"s1-{kind}", "init_from.pformer": stage0[kind]["checkpoint"]})))
-    stage2_config = STAGE2_T5 if kind == "t5" else STAGE2
-    run_folder = f"{storage or tmp_path / 'ckpt'}/s1-{kind}"  # a run folder: its latest checkpoint is used
-    stage2 = run_stage(load_config(stage2_config, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **common, **{
-        "run.name": f"s2-{kind}", "init_from.qformer": run_folder})))
-    return stage1, stage2
-
-
 def check_chain(stage0, stage1, stage2, mlflow_uri):
     # Every loss term is logged separately, from step 0 (validation before training) on.
     for key in ("itc_loss", "itm_loss", "itg_loss", "align_loss", "align_mse", "loss"):
@@ -154,25 +129,20 @@ def s3_options(summary):
     return storage.S3Options(summary.get("s3_endpoint"), "us-east-1")
 
 
-def test_chain_opt_from_local_shards(stage0, flickr_shards, tmp_path, tiny_models, tiny_vision, mlflow_uri):
-    stage1, stage2 = run_chain(tmp_path, stage0, tiny_models, tiny_vision, mlflow_uri, "opt", str(flickr_shards))
-    check_chain(stage0["opt"], stage1, stage2, mlflow_uri)
+def test_chain_opt_from_local_shards(chains, stage0):
+    chain = chains["opt"]
+    stage1, stage2 = chain["stage1"], chain["stage2"]
+    check_chain(stage0["opt"], stage1, stage2, chain["mlflow_uri"])
     assert stage1["data"]["rows_kept"] > 0 and not any(k.startswith("skipped") for k in stage1["data"])
 
 
-def test_chain_t5_from_s3_shards_and_checkpoints(stage0, flickr_shards, tmp_path, tiny_models, tiny_vision, mlflow_uri,
-                                                 s3_endpoint, s3_bucket):
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    for path in sorted(flickr_shards.iterdir()):
-        s3.upload_file(str(path), s3_bucket, f"flickr/{path.name}")
-    storage = f"s3://{s3_bucket}/checkpoints"
-    stage1, stage2 = run_chain(tmp_path, stage0, tiny_models, tiny_vision, mlflow_uri, "t5", f"s3://{s3_bucket}/flickr",
-                               storage=storage, s3_endpoint=s3_endpoint)
-    stage1["s3_endpoint"] = stage2["s3_endpoint"] = s3_endpoint
-    assert stage1["checkpoint"].startswith(storage) and stage2["checkpoint"].startswith(storage)
-    check_chain(stage0["t5"], stage1, stage2, mlflow_uri)
+def test_chain_t5_from_s3_shards_and_checkpoints(chains, stage0):
+    chain = chains["t5"]
+    stage1, stage2 = chain["stage1"], chain["stage2"]
+    stage1["s3_endpoint"] = stage2["s3_endpoint"] = chain["s3_endpoint"]
+    assert stage1["checkpoint"].startswith(chain["storage"]) and stage2["checkpoint"].startswith(chain["storage"])
+    assert chain["storage"].startswith("s3://")
+    check_chain(stage0["t5"], stage1, stage2, chain["mlflow_uri"])
 
 
 # ---------------------------------------------------------------------------------------------
