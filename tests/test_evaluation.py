@@ -287,7 +287,19 @@ def test_export_round_trip_generates_the_same_ids(chains, kind, tmp_path):
     chain = chains[kind]
     s3 = ["--s3-endpoint", chain["s3_endpoint"], "--s3-region", "us-east-1"] if chain["s3_endpoint"] else []
     checkpoint = chain["stage2"]["checkpoint"]  # the T5 one lives on S3
-    assert export.main(["--checkpoint", checkpoint, "--out", str(tmp_path / "hf"), *s3]) == 0
+    register = ["--register", "pformer-blip2-tiny", "--summary", str(tmp_path / "export.json")] if kind == "opt" else []
+    assert export.main(["--checkpoint", checkpoint, "--out", str(tmp_path / "hf"), *s3, *register]) == 0
+    if register:  # logged to the stage-2 training run and registered as a model version
+        from mlflow.tracking import MlflowClient
+
+        info = json.loads((tmp_path / "export.json").read_text())
+        client = MlflowClient(tracking_uri=chain["mlflow_uri"])
+        assert info["mlflow_run_id"] == chain["stage2"]["mlflow_run_id"]
+        logged = {a.path for a in client.list_artifacts(info["mlflow_run_id"], "hf_model")}
+        assert {f"hf_model/{name}" for name in ("config.json", "generation_config.json", "model.safetensors",
+                                                "processor_config.json", "tokenizer.json")} <= logged
+        version = client.get_model_version("pformer-blip2-tiny", str(info["version"]))
+        assert version.run_id == chain["stage2"]["mlflow_run_id"] and version.source.endswith("hf_model")
 
     hf = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     processor = Blip2Processor.from_pretrained(tmp_path / "hf")
