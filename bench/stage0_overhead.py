@@ -93,7 +93,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     window = 25
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(ROOT / "configs" / "demo.yaml", [
+        cfg = load_config(ROOT / "configs" / "tiny" / "demo_stage0.yaml", [
             f"data.text={assets['text']}", f"model.pformer={assets['bert']}", f"model.llm={assets['opt']}",
             f"train.max_steps={args.steps + window}", f"train.batch_size_per_worker={args.batch_size}",
             f"train.log_every_steps={window}", f"train.checkpoint_every_steps={args.steps + window}",

@@ -1,7 +1,8 @@
 """Evaluation outputs: a picture of sample predictions, files on disk, and the MLflow run they go to.
 
 MLflow: by default a child run ("eval-<task>") under the training run that wrote the checkpoint (found
-by the Ray run name and storage path the checkpoint's config records), in the same experiment; with
+by the Ray run name and storage path the checkpoint's config records) or under a given parent (the
+pipeline's run), in the same experiment; with
 `--mlflow-run-id` the metrics go to that run instead; with no training run found, a standalone run.
 """
 
@@ -58,14 +59,15 @@ def write_json(path: str | Path, payload: Any) -> Path:
 
 
 def start_eval_run(cfg, task: str, checkpoint: str, *, tracking_uri: Optional[str] = None,
-                   run_id: Optional[str] = None, params: Optional[dict[str, Any]] = None) -> tuple[str, str]:
+                   run_id: Optional[str] = None, parent_run_id: Optional[str] = None,
+                   params: Optional[dict[str, Any]] = None) -> tuple[str, str]:
     """(tracking URI, run id) of the run the evaluation logs to (see the module docstring)."""
     from mlflow.entities import Param, RunTag
 
     uri = tracking.resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri)
     client = tracking.client(uri)
     if run_id is None:
-        parent = tracking.find_run(uri, cfg.mlflow.experiment, cfg.run.name, cfg.run.storage_path)
+        parent = parent_run_id or tracking.find_run(uri, cfg.mlflow.experiment, cfg.run.name, cfg.run.storage_path)
         tags = {"task": task, "checkpoint": checkpoint, "stage": "evaluate", tracking.RUN_NAME_TAG: cfg.run.name}
         if parent:
             tags["mlflow.parentRunId"] = parent

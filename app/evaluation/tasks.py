@@ -48,6 +48,8 @@ class EvalRun:
     mlflow_run_id: Optional[str] = None
     log_mlflow: bool = True
     grid_size: int = 8
+    parent_run_id: Optional[str] = None  # MLflow parent of the evaluation run (default: the training run)
+    keep_rows: bool = False              # also return each image's id and references ("rows")
 
 
 def _coco_id(value: str) -> Any:
@@ -124,7 +126,8 @@ def _finish(run: EvalRun, task: str, cfg, checkpoint: str, metrics: dict[str, An
     files = [*files, metrics_file]
     if run.log_mlflow:
         uri, run_id = report.start_eval_run(cfg, task, checkpoint, tracking_uri=run.tracking_uri,
-                                            run_id=run.mlflow_run_id, params=params)
+                                            run_id=run.mlflow_run_id, parent_run_id=run.parent_run_id,
+                                            params=params)
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
         report.log_eval(uri, run_id, numeric, files, artifact_path=None if run.mlflow_run_id is None else f"eval_{task}")
         summary.update(mlflow_run_id=run_id, tracking_uri=uri)
@@ -173,8 +176,11 @@ def evaluate_captions(run: EvalRun, source: EvalSource, options: GenerationOptio
                "metrics": metrics, "captions_per_s": round(throughput, 3), "prompt": prompt,
                "generation": asdict(options), **_skips(result), "files": [str(f) for f in files]}
     params = {**asdict(options), "prompt": prompt, "data": source.data or source.images, "images": len(images)}
-    return _finish(run, "caption", cfg, checkpoint, {**metrics, "images_skipped": result.skipped_total,
-                                                     "captions_per_s": throughput}, files, params, summary)
+    summary = _finish(run, "caption", cfg, checkpoint, {**metrics, "images_skipped": result.skipped_total,
+                                                        "captions_per_s": throughput}, files, params, summary)
+    if run.keep_rows:
+        summary["rows"] = [{"id": r["id"], "references": r["references"]} for r in with_refs]
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""The pipeline job: stage 0 -> 1 -> 2 -> caption evaluation for the P-Former arm and the BLIP-2 baseline,
+wired to real data by overrides only (COCO caption text for stage 0, Flickr8k shards for stages 1-2)."""
+
+import json
+
+import pytest
+
+from app.config import ConfigError
+from app.pipeline import load_pipeline_config
+
+from conftest import COCO_TSV, ROOT
+
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+def real_data_overrides(tmp_path, tiny_models, tiny_vision, flickr_shards) -> list[str]:
+    steps = {"stage0": 6, "stage1": 6, "stage2": 6}
+    out = [f"common.run.storage_path={tmp_path / 'ckpt'}", f"common.mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+           f"common.data.text={COCO_TSV}", f"common.data.train={flickr_shards}", f"common.data.val={flickr_shards}",
+           f"common.model.pformer={tiny_models['bert']}", f"common.model.qformer={tiny_models['bert']}",
+           f"common.model.llm={tiny_models['opt']}", f"common.model.vision={tiny_vision['blip2']}",
+           "common.model.num_query_tokens=4", "common.train.batch_size_per_worker=8", "common.train.warmup_steps=2",
+           "common.train.log_every_steps=3", "common.data.val_max_batches=1",
+           "pipeline.eval_limit=6", "pipeline.num_beams=2", "pipeline.max_new_tokens=6", "pipeline.min_new_tokens=1",
+           "pipeline.name=wiring"]
+    for stage, n in steps.items():
+        out += [f"{stage}.train.max_steps={n}", f"{stage}.train.checkpoint_every_steps={n}"]
+    return out
+
+
+def test_bad_pipeline_configs_fail_before_anything_runs():
+    with pytest.raises(ConfigError, match="stage1: unknown config key 'train.max_stepz'"):
+        load_pipeline_config(DEMO, ["stage1.train.max_stepz=3"])
+    with pytest.raises(ConfigError, match="keys start with one of pipeline, common, stage0"):
+        load_pipeline_config(DEMO, ["stage9.train.max_steps=3"])
+    with pytest.raises(ConfigError, match=r"pipeline.arms: unknown arm\(s\) \['clip'\]"):
+        load_pipeline_config(DEMO, ["pipeline.arms=[pformer, clip]"])
+    with pytest.raises(ConfigError, match="pipeline.num_beams"):
+        load_pipeline_config(DEMO, ["pipeline.num_beams=0"])
+    config = load_pipeline_config(DEMO, ["common.model.num_query_tokens=16"])
+    assert {config.stage_config(k).model.num_query_tokens for k in ("stage0", "stage1", "stage2")} == {16}
+    assert config.stage_config("stage1").stage == "qformer" and config.stage_config("stage2").loss.align_weight == 100
+
+
+def test_pipeline_on_real_data_by_overrides(ray_session, tmp_path, tiny_models, tiny_vision, flickr_shards):
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from jobs import pipeline
+
+    args = ["--config", str(DEMO), "--out", str(tmp_path / "out"), "--summary", str(tmp_path / "summary.json"),
+            *real_data_overrides(tmp_path, tiny_models, tiny_vision, flickr_shards)]
+    assert pipeline.main(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    parent = summary["parent_run_id"]
+    assert client.get_run(parent).info.status == "FINISHED"
+    # Every stage of every arm and each evaluation is a child run of the one parent, with its metrics.
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    by_name = {run.info.run_name: run for run in children}
+    invocation = summary["invocation"]
+    expected = {f"{invocation}-stage0": "lm_loss", f"{invocation}-pformer-stage1": "itc_loss",
+                f"{invocation}-pformer-stage2": "lm_loss", f"{invocation}-blip2-stage1": "itc_loss",
+                f"{invocation}-blip2-stage2": "lm_loss"}
+    for name, metric in expected.items():
+        assert metric in by_name[name].data.metrics, name
+    evals = [run for run in children if run.data.tags.get("stage") == "evaluate"]
+    assert len(evals) == 2 and all("CIDEr" in run.data.metrics for run in evals)
+    # The baseline arm has no alignment term; the P-Former arm has it in both stages.
+    assert "align_loss" in by_name[f"{invocation}-pformer-stage1"].data.metrics
+    assert "align_loss" in by_name[f"{invocation}-pformer-stage2"].data.metrics
+    assert "align_loss" not in by_name[f"{invocation}-blip2-stage1"].data.metrics
+    assert "align_loss" not in by_name[f"{invocation}-blip2-stage2"].data.metrics
+    # The parent holds the comparison table and the plot.
+    artifacts = {a.path for a in client.list_artifacts(parent)}
+    assert {"comparison.png", "comparison.md", "comparison.json", "summary.json"} <= artifacts
+    with Image.open(tmp_path / "out" / "comparison.png") as img:
+        assert img.format == "PNG" and img.width > 600
+    table = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert [row["arm"] for row in table] == ["pformer", "blip2", "random captions"]
+    for arm in ("pformer", "blip2"):
+        assert {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(summary["arms"][arm]["eval"]["metrics"])
+    assert summary["random_baseline"]["CIDEr"] >= 0
+    # Checkpoints chain: each arm's stage 2 started from its own stage 1; only the P-Former arm uses stage 0.
+    for arm in ("pformer", "blip2"):
+        stage1, stage2 = summary["arms"][arm]["stage1"], summary["arms"][arm]["stage2"]
+        manifest = json.loads((tmp_path / "ckpt" / stage2["run_name"] / stage2["checkpoint"].rsplit("/", 1)[1]
+                               / "manifest.json").read_text())
+        assert manifest["init_from"]["qformer"] == stage1["checkpoint"]
+        assert manifest["frozen"]["pformer"] == (summary["stage0"]["checkpoint"] if arm == "pformer" else None)
+        assert manifest["align_weight"] == (100 if arm == "pformer" else 0)
