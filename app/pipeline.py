@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app import tracking
-from app.config import Config, ConfigError, _suggest, build_config, parse_override
+from app.config import Config, ConfigError, _suggest, build_config, parse_override, read_yaml_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -80,17 +79,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def load_pipeline_config(path: Optional[str], overrides: Optional[list[str]] = None) -> PipelineConfig:
-    raw: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError("a pipeline config is a mapping with pipeline, common, stage0, stage1, stage2")
+    raw: dict[str, Any] = read_yaml_mapping(path) if path else {}
     for key in raw:
         if key not in TOP_LEVEL:
             raise ConfigError(f"unknown pipeline config key '{key}'{_suggest(key, list(TOP_LEVEL))} "

@@ -60,7 +60,12 @@ def test_bad_configs_name_the_key(raw, overrides, message):
 
 
 def test_config_files_load(tmp_path):
+    from app.pipeline import load_pipeline_config
+
+    assert load_pipeline_config(ROOT / "configs" / "demo.yaml").pipeline.arms == ["pformer", "blip2"]
     for path in [*ROOT.glob("configs/*.yaml"), *ROOT.glob("configs/tiny/*.yaml")]:
+        if path.name == "demo.yaml":
+            continue  # a pipeline config (stages in sections), checked above
         cfg = load_config(path)
         expected = {"stage0": "pformer", "stage1": "qformer", "stage2": "llm"}.get(path.stem.split("_")[0], "pformer")
         assert cfg.stage == expected, path

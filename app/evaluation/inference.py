@@ -25,6 +25,7 @@ from app.evaluation.model import GenerationOptions, TrainedBLIP2
 logger = logging.getLogger(__name__)
 
 PASSTHROUGH = ("id", "source", "refs", "prompt")
+MAX_CPU_ACTORS = 4
 
 
 class Generate:
@@ -94,10 +95,11 @@ def run_generation(source: ray.data.Dataset, *, checkpoint: str, image_size: int
 
 def default_settings(batch_size: int = 16, num_actors: Optional[int] = None,
                      use_gpu: Optional[bool] = None) -> InferenceSettings:
-    """One actor per GPU when the cluster has GPUs, else one per four CPUs (decoding needs the rest)."""
+    """One actor per GPU when the cluster has GPUs, else one per four CPUs (decoding needs the rest), at
+    most MAX_CPU_ACTORS: each CPU actor holds a full model copy in memory."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     use_gpu = gpus > 0 if use_gpu is None else use_gpu
     if num_actors is None:
-        num_actors = max(1, gpus) if use_gpu else max(1, int(resources.get("CPU", 4)) // 4)
+        num_actors = max(1, gpus) if use_gpu else min(MAX_CPU_ACTORS, max(1, int(resources.get("CPU", 4)) // 4))
     return InferenceSettings(batch_size=batch_size, num_actors=num_actors, use_gpu=use_gpu)
