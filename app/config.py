@@ -117,6 +117,9 @@ class ModelSection(_Section):
     qformer: str = Field("bert-base-uncased", description="HF id or path of the BERT that initialises the Q-Former.")
     cross_attention_freq: int = Field(2, gt=0, description="Q-Former cross-attention every N layers.")
     prompt: str = Field("", description="Stage 2: text prompt after the soft prompt (BLIP-2's `prompt`).")
+    dropout: Optional[float] = Field(
+        None, ge=0, lt=1, description="Dropout of the trained BERT layers (P-Former in stage 0, Q-Former in stages "
+                                      "1-2); unset = the checkpoint's own (0.1 for BERT). Tiny models learn better with 0.")
 
 
 class LossSection(_Section):

@@ -91,7 +91,8 @@ class PFormerStage:
                                         dtype=resolve_dtype(cfg.model.llm_dtype, cfg.scaling.use_gpu))
         pformer = PFormer.from_pretrained(local_model(cfg.model.pformer, s3),
                                           num_query_tokens=cfg.model.num_query_tokens, llm_dim=llm.embed_dim,
-                                          contrastive_dim=cfg.model.contrastive_dim, temp_init=cfg.model.temp_init)
+                                          contrastive_dim=cfg.model.contrastive_dim, temp_init=cfg.model.temp_init,
+                                          dropout=cfg.model.dropout)
         loss = cfg.loss
         weights = PFormerLossWeights(
             lm_weight=loss.lm_weight, contrastive_weight=loss.contrastive_weight,
@@ -283,7 +284,7 @@ class QFormerStage(ImageTextStage):
             storage.local_model(cfg.model.qformer, s3), num_query_tokens=cfg.model.num_query_tokens,
             encoder_hidden_size=vision.width, llm_dim=llm_embed_dim(storage.local_model(cfg.model.llm, s3)),
             cross_attention_frequency=cfg.model.cross_attention_freq, contrastive_dim=cfg.model.contrastive_dim,
-            temp_init=cfg.model.temp_init)
+            temp_init=cfg.model.temp_init, dropout=cfg.model.dropout)
         weights = Stage1Weights(itc=cfg.loss.itc_weight, itm=cfg.loss.itm_weight, itg=cfg.loss.itg_weight,
                                 align=cfg.loss.align_weight_for(self.name), label_smoothing=cfg.loss.label_smoothing)
         model = QFormerPretrain(vision, qformer, self.pformer(cfg, s3), weights)
@@ -346,7 +347,7 @@ class LLMStage(ImageTextStage):
 
         directory = local_checkpoint(cfg.init_from.qformer, "qformer", s3)
         check_stage(directory, "qformer", role="init_from.qformer")
-        qformer = QFormer.from_architecture(Path(directory) / "qformer")
+        qformer = QFormer.from_architecture(Path(directory) / "qformer", dropout=cfg.model.dropout)
         load_submodule(qformer, directory, "qformer")
         llm_path = storage.local_model(cfg.model.llm, s3)
         llm = FrozenLLM.from_pretrained(llm_path, dtype=resolve_dtype(cfg.model.llm_dtype, cfg.scaling.use_gpu))

@@ -131,6 +131,17 @@ def test_qformer_takes_every_shared_weight_from_bert(tmp_path):
     hidden = torch.randn(2, 3, 32)
     manual = qformer.lm_transform(hidden) @ qformer.embeddings.word_embeddings.weight.t() + qformer.lm_bias
     assert torch.allclose(qformer.lm_logits(hidden), manual, atol=1e-6)
+    # model.dropout overrides BERT's 0.1 everywhere (and carries over to stage 2 through the saved architecture);
+    # without dropout, a train-mode forward is deterministic.
+    assert qformer.config.hidden_dropout_prob == 0.1
+    quiet, _ = QFormer.from_bert(str(tmp_path), num_query_tokens=Q, encoder_hidden_size=24, llm_dim=40, dropout=0.0)
+    quiet.save_architecture(tmp_path / "arch")
+    for model in (quiet, QFormer.from_architecture(tmp_path / "arch")):
+        assert model.config.hidden_dropout_prob == model.config.attention_probs_dropout_prob == 0.0
+        model.train()
+        image = torch.randn(2, 5, 24)
+        assert torch.equal(model.encode_image(image), model.encode_image(image))
+    assert QFormer.from_architecture(tmp_path / "arch", dropout=0.2).config.hidden_dropout_prob == 0.2
 
 
 def test_itg_mask_keeps_queries_blind_to_text_and_text_causal(tiny_models, tiny_vision):

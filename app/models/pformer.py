@@ -7,6 +7,8 @@ plus the stage-0 contrastive head `text_proj` (H -> C, L2-normalised) and a lear
 
 from __future__ import annotations
 
+from typing import Optional
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +44,9 @@ class PFormer(nn.Module):
         self.temp = nn.Parameter(torch.tensor(float(temp_init)))
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **heads) -> "PFormer":
-        return cls(BertModel.from_pretrained(name_or_path, add_pooling_layer=False), **heads)
+    def from_pretrained(cls, name_or_path: str, dropout: Optional[float] = None, **heads) -> "PFormer":
+        rates = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+        return cls(BertModel.from_pretrained(name_or_path, add_pooling_layer=False, **rates), **heads)
 
     @property
     def heads_config(self) -> dict:

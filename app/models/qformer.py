@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,8 @@ class QFormer(nn.Module):
 
     @classmethod
     def from_bert(cls, name_or_path: str, *, num_query_tokens: int, encoder_hidden_size: int, llm_dim: int,
-                  cross_attention_frequency: int = 2, contrastive_dim: int = 256, temp_init: float = 0.07):
+                  cross_attention_frequency: int = 2, contrastive_dim: int = 256, temp_init: float = 0.07,
+                  dropout: Optional[float] = None):
         """A Q-Former initialised from a BERT checkpoint; returns (qformer, tokenizer with [DEC])."""
         from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
@@ -71,8 +73,8 @@ class QFormer(nn.Module):
             vocab_size=len(tokenizer), hidden_size=bert_config.hidden_size,
             num_hidden_layers=bert_config.num_hidden_layers, num_attention_heads=bert_config.num_attention_heads,
             intermediate_size=bert_config.intermediate_size, hidden_act=bert_config.hidden_act,
-            hidden_dropout_prob=bert_config.hidden_dropout_prob,
-            attention_probs_dropout_prob=bert_config.attention_probs_dropout_prob,
+            hidden_dropout_prob=bert_config.hidden_dropout_prob if dropout is None else dropout,
+            attention_probs_dropout_prob=bert_config.attention_probs_dropout_prob if dropout is None else dropout,
             max_position_embeddings=bert_config.max_position_embeddings,
             initializer_range=bert_config.initializer_range, layer_norm_eps=bert_config.layer_norm_eps,
             pad_token_id=bert_config.pad_token_id or 0, cross_attention_frequency=cross_attention_frequency,
@@ -138,10 +140,13 @@ class QFormer(nn.Module):
         (directory / HEADS_FILE).write_text(json.dumps(self.heads_config))
 
     @classmethod
-    def from_architecture(cls, directory: str | Path) -> "QFormer":
+    def from_architecture(cls, directory: str | Path, dropout: Optional[float] = None) -> "QFormer":
         directory = Path(directory)
         heads = json.loads((directory / HEADS_FILE).read_text())
-        return cls(Blip2QFormerConfig.from_pretrained(directory), **heads)
+        config = Blip2QFormerConfig.from_pretrained(directory)
+        if dropout is not None:
+            config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
+        return cls(config, **heads)
 
     def freeze_text_side(self) -> None:
         """Stage 2 uses only the query path: the text FFN, embeddings and stage-1 heads get no gradient."""
