@@ -68,12 +68,13 @@ def _source_dataset(source: EvalSource, prompt: str, s3) -> ray.data.Dataset:
 
 def _merge_duplicates(rows: list[dict]) -> list[dict]:
     """Samples of one photo written once per caption (`--per caption` shards) become one image with all its
-    references: same pixels -> same image. Generation ran for each copy; the first copy's text is kept."""
+    references: same pixels -> same image (same id when no thumbnails were kept). Generation ran for each
+    copy; the first copy's text is kept."""
     import hashlib
 
     merged: dict[str, dict] = {}
     for row in rows:
-        digest = hashlib.sha1(row["thumb"].tobytes()).hexdigest()
+        digest = hashlib.sha1(row["thumb"].tobytes()).hexdigest() if "thumb" in row else row["id"]
         refs = json.loads(row["refs"])
         if digest in merged:
             merged[digest]["references"] += [r for r in refs if r not in merged[digest]["references"]]
@@ -169,7 +170,7 @@ def evaluate_captions(run: EvalRun, source: EvalSource, options: GenerationOptio
             for r in with_refs}))
     else:
         logger.warning("the evaluation set has no reference captions: captions are written, not scored")
-    if run.grid_size:
+    if run.grid_size and "thumb" in images[0]:
         files.append(report.sample_grid(images[: run.grid_size], out / "samples.png"))
     throughput = len(result.rows) / result.seconds if result.seconds else 0.0
     summary = {"task": "caption", "checkpoint": checkpoint, "images": len(images), "scored": len(with_refs),
@@ -215,7 +216,7 @@ def evaluate_vqa(run: EvalRun, source: EvalSource, template: str = "Question: {}
              report.write_json(out / "per_question.json", {
                  q: {"question": truth[q]["question"], "prediction": predictions[q], "answers": truth[q]["answers"],
                      "accuracy": acc} for q, acc in per_question.items()})]
-    if run.grid_size and result.rows:
+    if run.grid_size and result.rows and "thumb" in result.rows[0]:
         shown = [{**r, "text": f"{truth[r['id']]['question']} -> {r['text']}",
                   "refs": json.dumps([", ".join(truth[r["id"]]["answers"][:5])])} for r in result.rows[: run.grid_size]]
         files.append(report.sample_grid(shown, out / "samples.png"))
