@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app import tracking
+from app import storage, tracking
 from app.config import Config, ConfigError, _suggest, build_config, parse_override, read_yaml_mapping
 
 logger = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ def run_pipeline(config: PipelineConfig, out_dir: Optional[str] = None) -> dict[
                 raise ConfigError("pipeline.eval_data: no evaluation shards (and stage2 has no data.val)")
             run = EvalRun(checkpoint=stage2["checkpoint"], out_dir=str(out / arm), parent_run_id=parent,
                           settings=InferenceSettings(batch_size=p.eval_batch_size, num_actors=1),
-                          s3=None, grid_size=8, keep_rows=not rows_for_baseline)
+                          s3=storage.S3Options.from_config(stage2_cfg), grid_size=8, keep_rows=not rows_for_baseline)
             options = GenerationOptions(num_beams=p.num_beams, max_new_tokens=p.max_new_tokens,
                                         min_new_tokens=p.min_new_tokens)
             evaluation = evaluate_captions(run, EvalSource(data=eval_data, limit=p.eval_limit), options, spice=False)
