@@ -46,12 +46,12 @@ def ray_side(checkpoint: str, files: list[Path], options, batch_size: int, num_a
     from app.evaluation import data as eval_data
     from app.evaluation.inference import InferenceSettings, run_generation
     from app.evaluation.model import find_checkpoint
-    from app.evaluation.tasks import _image_size
+    from app.evaluation.tasks import checkpoint_image_size
 
     uri, manifest = find_checkpoint(checkpoint, None, ("llm",), "captioning")
-    items = [eval_data._item(f"{i:06d}-{p.name}", str(p), (), manifest.get("prompt") or "") for i, p in enumerate(files)]
+    items = [eval_data.eval_item(f"{i:06d}-{p.name}", str(p), (), manifest.get("prompt") or "") for i, p in enumerate(files)]
     start = time.perf_counter()
-    result = run_generation(eval_data.items_dataset(items), checkpoint=uri, image_size=_image_size(uri, None),
+    result = run_generation(eval_data.items_dataset(items), checkpoint=uri, image_size=checkpoint_image_size(uri, None),
                             options=options, s3=None,
                             settings=InferenceSettings(batch_size=batch_size, num_actors=num_actors, keep_thumbs=False))
     seconds = time.perf_counter() - start

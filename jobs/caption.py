@@ -52,7 +52,7 @@ def caption_many(args, s3, options) -> tuple[list[dict], list[dict]]:
     from app.evaluation import data as eval_data
     from app.evaluation.inference import default_settings, run_generation
     from app.evaluation.model import find_checkpoint
-    from app.evaluation.tasks import _image_size
+    from app.evaluation.tasks import checkpoint_image_size
 
     checkpoint, manifest = find_checkpoint(args.checkpoint, s3, ("llm",), "captioning")
     prompt = (manifest.get("prompt") or "") if args.prompt is None else args.prompt
@@ -63,7 +63,7 @@ def caption_many(args, s3, options) -> tuple[list[dict], list[dict]]:
     else:
         source = eval_data.items_dataset(eval_data.caption_items(images=args.input, prompt=prompt, s3=s3))
     settings = default_settings(batch_size=args.batch_size, num_actors=args.num_actors, use_gpu=args.gpu)
-    result = run_generation(source, checkpoint=checkpoint, image_size=_image_size(checkpoint, s3), options=options,
+    result = run_generation(source, checkpoint=checkpoint, image_size=checkpoint_image_size(checkpoint, s3), options=options,
                             settings=settings, s3=s3)
     rows = [{"id": r["id"], "source": r["source"], "caption": r["text"]} for r in result.rows]
     return rows, result.skipped

@@ -18,9 +18,9 @@ import sys
 
 def log_to_mlflow(info: dict, out: str, checkpoint: str, s3, tracking_uri, register) -> dict:
     from app import tracking
-    from app.evaluation.tasks import _checkpoint_config
+    from app.evaluation.tasks import checkpoint_config
 
-    cfg = _checkpoint_config(checkpoint, s3)
+    cfg = checkpoint_config(checkpoint, s3)
     uri = tracking.resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri)
     run_id = tracking.find_run(uri, cfg.mlflow.experiment, cfg.run.name, cfg.run.storage_path)
     client = tracking.client(uri)

@@ -42,7 +42,7 @@ class EvalDataError(ValueError):
     """An evaluation set that cannot be read (missing files, wrong format, nothing in it)."""
 
 
-def _item(id_: Any, path: str, refs: Iterable[str] = (), prompt: str = "", source: Optional[str] = None) -> dict:
+def eval_item(id_: Any, path: str, refs: Iterable[str] = (), prompt: str = "", source: Optional[str] = None) -> dict:
     return {"id": str(id_), "source": source or path, "path": path, "image": None,
             "refs": json.dumps([r for r in refs if isinstance(r, str)]), "prompt": prompt, "problem": None}
 
@@ -91,7 +91,7 @@ def caption_items(*, captions: Optional[str] = None, annotations: Optional[str] 
             for ann in data["annotations"]:
                 if ann["image_id"] in refs and isinstance(ann.get("caption"), str):
                     refs[ann["image_id"]].append(ann["caption"])
-            items = [_item(img["id"], storage.join(images, img["file_name"]), refs[img["id"]], prompt)
+            items = [eval_item(img["id"], storage.join(images, img["file_name"]), refs[img["id"]], prompt)
                      for img in sorted(data["images"], key=lambda i: str(i["id"]))]
         except (KeyError, TypeError) as err:
             raise EvalDataError(f"{annotations} is not a COCO caption annotation file (images + annotations): "
@@ -107,13 +107,13 @@ def caption_items(*, captions: Optional[str] = None, annotations: Optional[str] 
             value = data[name]
             if isinstance(value, dict):
                 value = value.get("captions", value.get("caption", []))
-            items.append(_item(name, storage.join(images, name), value if isinstance(value, list) else [value], prompt))
+            items.append(eval_item(name, storage.join(images, name), value if isinstance(value, list) else [value], prompt))
     elif images:
         is_file = storage.is_s3(images) and images.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
         if not storage.is_s3(images) and not Path(images).exists():
             raise EvalDataError(f"no such image or folder: {images}")
         files = [images] if is_file or Path(images).is_file() else _image_files(images, s3)
-        items = [_item(Path(f).name if len(files) > 1 else f, f, (), prompt) for f in files]
+        items = [eval_item(Path(f).name if len(files) > 1 else f, f, (), prompt) for f in files]
     else:
         raise EvalDataError("nothing to evaluate: give --data (shards), --captions or --annotations with --images, "
                             "or --images alone")
@@ -147,7 +147,7 @@ def vqa_items(*, questions: str, annotations: Optional[str], images: str, templa
                 image_id = q["image_id"]
                 image_id = int(image_id) if str(image_id).isdigit() else image_id
                 name = image_pattern.format(image_id=image_id)
-                items.append(_item(qid, storage.join(images, name), [q["question"]], template.format(q["question"])))
+                items.append(eval_item(qid, storage.join(images, name), [q["question"]], template.format(q["question"])))
         except (KeyError, TypeError, ValueError) as err:
             raise EvalDataError(f"{questions} / {annotations}: not the VQAv2 layout (missing {err})") from None
     elif isinstance(data, dict):  # GQA: {qid: {"imageId", "question", "answer"}}
@@ -155,7 +155,7 @@ def vqa_items(*, questions: str, annotations: Optional[str], images: str, templa
             for qid, q in sorted(data.items()):
                 truth[str(qid)] = {"answers": [q["answer"]], "answer_type": q.get("types", {}).get("structural", "")
                                    if isinstance(q.get("types"), dict) else "", "question": q["question"]}
-                items.append(_item(qid, storage.join(images, f"{q['imageId']}.jpg"), [q["question"]],
+                items.append(eval_item(qid, storage.join(images, f"{q['imageId']}.jpg"), [q["question"]],
                                    template.format(q["question"])))
         except (KeyError, TypeError, AttributeError) as err:
             raise EvalDataError(f"{questions}: not the GQA layout {{question_id: {{imageId, question, answer}}}} "

@@ -94,11 +94,12 @@ def _resolved_prompt(checkpoint: str, s3, prompt: Optional[str]) -> tuple[str, d
     return prompt, {"uri": uri, "manifest": manifest}
 
 
-def _image_size(uri: str, s3) -> int:
-    """The square size the checkpoint's images were resized to (data.image_size, else the vision tower's)."""
+def checkpoint_image_size(uri: str, s3, cfg=None) -> int:
+    """The square size the checkpoint's images were resized to (data.image_size, else the vision tower's).
+    `cfg`: the checkpoint's config when the caller already read it."""
     from app.models.vision import vision_config
 
-    cfg = _checkpoint_config(uri, s3)
+    cfg = cfg or checkpoint_config(uri, s3)
     if cfg.data.image_size:
         return int(cfg.data.image_size)
     frozen_vision = _manifest(uri, s3).get("frozen", {}).get("vision") or cfg.model.vision
@@ -112,7 +113,7 @@ def _manifest(uri: str, s3) -> dict:
     return read_json(storage.join(uri, MANIFEST_FILE), s3)
 
 
-def _checkpoint_config(uri: str, s3):
+def checkpoint_config(uri: str, s3):
     from app.config import load_config
     from app.train.checkpoint import CONFIG_FILE
 
@@ -151,9 +152,9 @@ def evaluate_captions(run: EvalRun, source: EvalSource, options: GenerationOptio
 
     prompt, found = _resolved_prompt(run.checkpoint, run.s3, prompt)
     checkpoint = found["uri"]
-    cfg = _checkpoint_config(checkpoint, run.s3)
+    cfg = checkpoint_config(checkpoint, run.s3)
     result = run_generation(_source_dataset(source, prompt, run.s3), checkpoint=checkpoint,
-                            image_size=_image_size(checkpoint, run.s3), options=options, settings=run.settings,
+                            image_size=checkpoint_image_size(checkpoint, run.s3, cfg), options=options, settings=run.settings,
                             s3=run.s3)
     if not result.rows:
         raise eval_data.EvalDataError(f"no readable image in the evaluation set ({_skips(result)['skipped'][:3]})")
@@ -200,12 +201,12 @@ def evaluate_vqa(run: EvalRun, source: EvalSource, template: str = "Question: {}
         raise eval_data.EvalDataError(f"--prompt for VQA must contain '{{}}' where the question goes: {template!r}")
     _, found = _resolved_prompt(run.checkpoint, run.s3, "")
     checkpoint = found["uri"]
-    cfg = _checkpoint_config(checkpoint, run.s3)
+    cfg = checkpoint_config(checkpoint, run.s3)
     items, truth = eval_data.vqa_items(questions=source.questions, annotations=source.annotations,
                                        images=source.images, template=template, image_pattern=source.image_pattern,
                                        s3=run.s3, limit=source.limit)
     result = run_generation(eval_data.items_dataset(items), checkpoint=checkpoint,
-                            image_size=_image_size(checkpoint, run.s3), options=options, settings=run.settings,
+                            image_size=checkpoint_image_size(checkpoint, run.s3, cfg), options=options, settings=run.settings,
                             s3=run.s3)
     predictions = {r["id"]: r["text"] for r in result.rows}
     metric = detect_metric(truth, metric)
@@ -257,9 +258,9 @@ def evaluate_retrieval_task(run: EvalRun, source: EvalSource, k: int = 128, max_
     from app.evaluation.retrieval import evaluate_retrieval
 
     checkpoint, _ = find_checkpoint(run.checkpoint, run.s3, ("qformer", "llm"), "retrieval")
-    cfg = _checkpoint_config(checkpoint, run.s3)
+    cfg = checkpoint_config(checkpoint, run.s3)
     counter = create_counter()
-    pixels = eval_data.eval_dataset(_source_dataset(source, "", run.s3), image_size=_image_size(checkpoint, run.s3),
+    pixels = eval_data.eval_dataset(_source_dataset(source, "", run.s3), image_size=checkpoint_image_size(checkpoint, run.s3, cfg),
                                     counter=counter, s3=run.s3)
     rows = pixels.map_batches(ImageFeatures, batch_size=run.settings.batch_size, batch_format="numpy",
                               compute=ray.data.ActorPoolStrategy(size=run.settings.num_actors),
