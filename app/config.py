@@ -97,6 +97,8 @@ class DataSection(_Section):
     caption_column: str = Field("caption", min_length=1, description="Parquet column / WebDataset .json field with the caption.")
     image_size: Optional[int] = Field(None, gt=0, description="Input resolution; None = the vision tower's image_size.")
     min_crop_scale: float = Field(0.5, gt=0, le=1, description="Training random-resized-crop area range [min_crop_scale, 1].")
+    horizontal_flip: bool = Field(
+        True, description="Training: flip half the images left-right (off when captions say left or right).")
     max_skipped_fraction: float = Field(
         0.1, ge=0, le=1,
         description="Stages 1-2: the run fails (naming shard and key) when more samples than this are unusable.")

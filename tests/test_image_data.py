@@ -55,6 +55,17 @@ def test_train_transform_is_random_and_eval_transform_is_a_plain_resize():
     assert np.array_equal(resized, np.asarray(image.resize((32, 32), Image.BICUBIC)))
 
 
+def test_train_transform_without_crop_or_flip_keeps_the_layout():
+    # min_scale 1 (whole image) and flip off: what the picture shows left stays left (captions that say so).
+    image = Image.open(io.BytesIO(photo(0))).convert("RGB").resize((48, 48))
+    rng = np.random.default_rng(0)
+    kept = [transform_image(image, 32, True, rng, min_scale=1.0, flip=False) for _ in range(8)]
+    assert all(np.array_equal(k, transform_image(image, 32, False)) for k in kept)
+    flipped = [transform_image(image, 32, True, rng, min_scale=1.0) for _ in range(16)]
+    mirrored = transform_image(image, 32, False)[:, ::-1]
+    assert any(np.array_equal(f, mirrored) for f in flipped) and any(not np.array_equal(f, mirrored) for f in flipped)
+
+
 # ---------------------------------------------------------------------------------------------
 # reading and preprocessing
 

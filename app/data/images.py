@@ -256,14 +256,15 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, s
 
 
 def transform_image(img: Image.Image, size: int, train: bool, rng: Optional[np.random.Generator] = None,
-                    min_scale: float = 0.5) -> np.ndarray:
-    """uint8 (size, size, 3). Train: random resized crop (area in [min_scale, 1]) + horizontal flip;
+                    min_scale: float = 0.5, flip: bool = True) -> np.ndarray:
+    """uint8 (size, size, 3). Train: random resized crop (area in [min_scale, 1]; 1 = the whole image) +
+    horizontal flip (when `flip`);
     eval: resize to size x size (BLIP-2's eval transform). Bicubic resampling."""
     if train:
         assert rng is not None
         box = random_resized_crop_box(img.width, img.height, rng, (min_scale, 1.0))
         arr = np.asarray(img.resize((size, size), Image.BICUBIC, box=box))
-        if rng.random() < 0.5:
+        if flip and rng.random() < 0.5:
             arr = arr[:, ::-1]
         return np.ascontiguousarray(arr)
     return np.asarray(img.resize((size, size), Image.BICUBIC))
@@ -328,7 +329,7 @@ def tokenize_captions(texts: list[str], spec: CaptionSpec, rng: np.random.Genera
 
 
 def preprocess_image_batch(batch: pa.Table, *, image_size: int, train: bool, captions: CaptionSpec,
-                           min_crop_scale: float = 0.5, seed: int = 0, counter=None, count_prefix: str = "",
+                           min_crop_scale: float = 0.5, horizontal_flip: bool = True, seed: int = 0, counter=None, count_prefix: str = "",
                            s3: Optional[storage.S3Options] = None, keep_text: bool = False) -> dict[str, np.ndarray]:
     """Raw sample rows -> `pixels` (N, S, S, 3) uint8 + caption tokens. Bad samples are counted, not raised.
 
@@ -366,7 +367,7 @@ def preprocess_image_batch(batch: pa.Table, *, image_size: int, train: bool, cap
             continue
         if converted is not None:
             counts[f"converted_{converted.lower().replace(';', '_')}"] += 1
-        kept_pixels.append(transform_image(img, image_size, train, rng, min_crop_scale))
+        kept_pixels.append(transform_image(img, image_size, train, rng, min_crop_scale, horizontal_flip))
         kept_texts.append(text)
         kept_rows.append(row)
     counts["rows_kept"] = len(kept_texts)
@@ -396,5 +397,6 @@ def image_text_dataset(uri: str, cfg, *, train: bool, image_size: int, captions:
         batch_size=64,
         batch_format="pyarrow",
         fn_kwargs=dict(image_size=image_size, train=train, captions=captions, min_crop_scale=cfg.data.min_crop_scale,
+                       horizontal_flip=cfg.data.horizontal_flip,
                        seed=cfg.run.seed, counter=counter, count_prefix=count_prefix, s3=s3, keep_text=keep_text),
     )
