@@ -10,7 +10,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from transformers import (BertConfig, BertModel, BertTokenizerFast, OPTConfig, OPTForCausalLM,
@@ -125,34 +125,51 @@ def _fingerprint(lines: list[str], settings: dict) -> str:
 
 def prepare_tiny_models(out_dir: str | Path, lines: Iterable[str], *, seed: int = 0, bert_vocab: int = 2000,
                         llm_vocab: int = 2000, hidden: int = 64, layers: int = 2,
-                        lm_steps: dict[str, int] | None = None) -> dict[str, str]:
-    """Write `bert/` (random), `opt/` and `t5/` (briefly pre-trained on `lines`) under out_dir, each with
-    its tokenizer. Cached: a second call with the same corpus and settings returns at once."""
+                        lm_steps: dict[str, int] | None = None, llms: tuple[str, ...] = ("opt", "t5"),
+                        lm_lines: Optional[list[str]] = None, lm_max_len: int = 32) -> dict[str, str]:
+    """Write `bert/` (random) and the LLMs named in `llms`, `opt/` and/or `t5/` (briefly pre-trained on
+    `lines`), under out_dir, each with its tokenizer. `lm_lines`: other text for the decoder-only LLM's
+    pre-training (e.g. a caption followed by a paraphrase, so it learns to use its context the way a real
+    LLM does). Cached: a second call with the same corpus and settings returns at once."""
     out = Path(out_dir)
     lines = [line for line in lines if line.strip()]
     # The encoder-decoder needs more steps: only once it can copy does a soft prompt carry information.
     lm_steps = {"opt": 300, "t5": 1500} if lm_steps is None else lm_steps
+    unknown = sorted(set(llms) - {"opt", "t5"})
+    if unknown:
+        raise ValueError(f"unknown tiny LLM kind(s) {unknown} (opt, t5)")
     settings = dict(recipe=RECIPE_VERSION, seed=seed, bert_vocab=bert_vocab, llm_vocab=llm_vocab, hidden=hidden, layers=layers,
                     lm_steps=lm_steps)
-    paths = {name: str(out / name) for name in ("bert", "opt", "t5")}
+    if lm_lines is not None:
+        settings.update(lm_max_len=lm_max_len, lm_lines=_fingerprint(lm_lines, {}))
     fingerprint = _fingerprint(lines, settings)
     ready = out / READY_FILE
-    if ready.exists() and json.loads(ready.read_text()).get("fingerprint") == fingerprint:
+    built: list[str] = []
+    if ready.exists():
+        previous = json.loads(ready.read_text())
+        if previous.get("fingerprint") == fingerprint:
+            built = previous.get("llms", ["opt", "t5"])
+    wanted = [kind for kind in ("opt", "t5") if kind in llms or kind in built]  # keep what is there already
+    paths = {name: str(out / name) for name in ("bert", *wanted)}
+    if set(wanted) <= set(built):
         return paths
-    if out.exists():
-        shutil.rmtree(out)
+    for name in ("bert", "opt", "t5"):  # only this function's folders: others may live next to them
+        shutil.rmtree(out / name, ignore_errors=True)
     torch.manual_seed(seed)
     bert_tok = train_bert_tokenizer(lines, bert_vocab)
     bert_tok.save_pretrained(paths["bert"])
     build_tiny_bert(len(bert_tok), hidden, layers).save_pretrained(paths["bert"])
     for kind, build in (("opt", build_tiny_opt), ("t5", build_tiny_t5)):
+        if kind not in wanted:
+            continue
         tok = train_llm_tokenizer(lines, llm_vocab, kind)
         model = build(tok, hidden, layers)
         if lm_steps.get(kind):
-            pretrain_tiny_lm(model, tok, lines, lm_steps[kind], seed=seed)
+            text = lm_lines if lm_lines is not None and kind == "opt" else lines
+            pretrain_tiny_lm(model, tok, text, lm_steps[kind], seed=seed, max_len=lm_max_len if text is lm_lines else 32)
         tok.save_pretrained(paths[kind])
         model.save_pretrained(paths[kind])
-    ready.write_text(json.dumps({"fingerprint": fingerprint, **settings}))
+    ready.write_text(json.dumps({"fingerprint": fingerprint, **settings, "llms": wanted}))
     return paths
 
 
