@@ -16,8 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m jobs.prepare_demo
-	$(BIN)/python -m jobs.pretrain_pformer --config configs/tiny/demo_stage0.yaml --summary outputs/demo_summary.json
+	$(BIN)/python -m jobs.pipeline --config configs/demo.yaml --summary outputs/demo_summary.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

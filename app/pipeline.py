@@ -5,6 +5,8 @@ A pipeline config has a `pipeline` section (see `PipelineSection`), a `common` m
 stage (the sections of an ordinary stage config: run, mlflow, scaling, data, model, ...) and `stage0`,
 `stage1`, `stage2` mappings with each stage's own deviations; `key=value` overrides use the same
 layout (`stage1.train.max_steps=50`, `common.model.num_query_tokens=8`, `pipeline.eval_limit=100`).
+The embedded default also has a `demo` section (app.demo.assets.DemoAssets): the generated data and tiny
+models that the pipeline job prepares, once, before the stages run.
 Every stage config is validated before anything runs.
 
 MLflow: one parent run per invocation; each stage of each arm and each evaluation is a child run. The
@@ -31,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 ARMS = ("pformer", "blip2")
 STAGE_KEYS = {"stage0": "pformer", "stage1": "qformer", "stage2": "llm"}
-TOP_LEVEL = ("pipeline", "common", *STAGE_KEYS)
+TOP_LEVEL = ("pipeline", "common", *STAGE_KEYS, "demo")
 TABLE_METRICS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
 
@@ -52,6 +54,7 @@ class PipelineSection(BaseModel):
 class PipelineConfig(BaseModel):
     pipeline: PipelineSection
     stages: dict[str, dict[str, Any]]  # "stage0" -> raw stage mapping (common merged in), validated below
+    demo: Any = None  # app.demo.assets.DemoAssets: generated assets to prepare first (the embedded default only)
 
     def stage_config(self, key: str, **extra: Any) -> Config:
         raw = copy.deepcopy(self.stages[key])
@@ -105,7 +108,16 @@ def load_pipeline_config(path: Optional[str], overrides: Optional[list[str]] = N
     unknown_arms = [a for a in section.arms if a not in ARMS]
     if unknown_arms:
         raise ConfigError(f"pipeline.arms: unknown arm(s) {unknown_arms} (available: {list(ARMS)})")
-    config = PipelineConfig(pipeline=section, stages={
+    demo = None
+    if raw.get("demo") is not None:
+        from app.demo.assets import DemoAssets
+
+        try:
+            demo = DemoAssets.model_validate(raw["demo"])
+        except ValidationError as err:
+            problems = "; ".join(f"demo.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise ConfigError(f"invalid pipeline config: {problems}") from None
+    config = PipelineConfig(pipeline=section, demo=demo, stages={
         key: _merge(raw.get("common") or {}, raw.get(key) or {}) for key in STAGE_KEYS})
     for key in STAGE_KEYS:  # every stage must be a valid stage config before anything runs
         config.stage_config(key)

@@ -17,11 +17,6 @@ import sys
 from pathlib import Path
 
 
-def needs_demo_assets(config) -> bool:
-    return any(".demo" in str(value) for stage in config.stages.values()
-               for section in stage.values() if isinstance(section, dict) for value in section.values())
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,11 +36,11 @@ def main(argv=None) -> int:
 
     try:
         config = load_pipeline_config(args.config, args.overrides)
-        if needs_demo_assets(config):
-            from app.demo.assets import DEFAULT_ROOT, prepare_demo_assets
+        if config.demo is not None:
+            from app.demo.assets import prepare_demo_assets
 
-            print("[pipeline] preparing the demo assets (cached after the first run)", flush=True)
-            prepare_demo_assets(DEFAULT_ROOT)
+            print(f"[pipeline] demo assets in {config.demo.root} (generated on the first run, then reused)", flush=True)
+            prepare_demo_assets(**config.demo.model_dump())
         summary = run_pipeline(config, args.out)
     except (ConfigError, CheckpointError, DataError, EvalDataError, EvaluationError) as err:
         print(f"error: {err}", file=sys.stderr)

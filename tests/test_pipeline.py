@@ -90,3 +90,45 @@ def test_pipeline_on_real_data_by_overrides(ray_session, tmp_path, tiny_models, 
         assert manifest["init_from"]["qformer"] == stage1["checkpoint"]
         assert manifest["frozen"]["pformer"] == (summary["stage0"]["checkpoint"] if arm == "pformer" else None)
         assert manifest["align_weight"] == (100 if arm == "pformer" else 0)
+
+
+def test_demo_pipeline_twice_reuses_the_generated_assets_and_starts_a_new_parent_run(ray_session, tmp_path,
+                                                                                    monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from app.demo.assets import asset_fingerprint
+    from jobs import pipeline
+
+    monkeypatch.chdir(tmp_path)  # the demo config's relative paths (.demo/, ./checkpoints, mlflow.db) land here
+    smaller = ["demo.num_lines=2000", "demo.num_train_images=40", "demo.num_val_images=6", "demo.vision_steps=5",
+               "pipeline.arms=[blip2]", "pipeline.eval_limit=4", "pipeline.num_beams=1", "pipeline.max_new_tokens=4",
+               "pipeline.min_new_tokens=1", "common.train.batch_size_per_worker=8", "common.train.warmup_steps=1",
+               "common.train.log_every_steps=1", "common.data.val_max_batches=1"]
+    for stage in ("stage1", "stage2"):
+        smaller += [f"{stage}.train.max_steps=2", f"{stage}.train.checkpoint_every_steps=2"]
+    summaries, outputs, assets = [], [], []
+    for i in range(2):
+        assert pipeline.main(["--config", str(DEMO), "--summary", f"summary{i}.json", *smaller]) == 0
+        outputs.append(capsys.readouterr().out)
+        summaries.append(json.loads((tmp_path / f"summary{i}.json").read_text()))
+        assets.append(asset_fingerprint(tmp_path / ".demo"))
+    # The first run generated the corpus, shards and tiny models; the second found them and rebuilt nothing.
+    assert "[demo] assets ready in .demo" in outputs[0] and "reusing" not in outputs[0]
+    assert "[demo] reusing the assets prepared earlier in .demo" in outputs[1]
+    assert "drawing" not in outputs[1]
+    assert assets[0] == assets[1] and {"models/READY.json", "shards/READY.json"} <= set(assets[0])
+    assert (tmp_path / ".demo" / "shards" / "train").is_dir() and (tmp_path / ".demo" / "models" / "opt").is_dir()
+    # Each invocation is its own parent run with its own children, in the same experiment.
+    first, second = (s["parent_run_id"] for s in summaries)
+    assert first != second and summaries[0]["invocation"] != summaries[1]["invocation"]
+    client = MlflowClient(tracking_uri=summaries[1]["tracking_uri"])
+    assert summaries[0]["tracking_uri"] == summaries[1]["tracking_uri"]
+    experiment = client.get_run(first).info.experiment_id
+    assert client.get_run(second).info.experiment_id == experiment
+    parents = client.search_runs([experiment], filter_string="tags.stage = 'pipeline'")
+    assert {run.info.run_id for run in parents} == {first, second}
+    for summary in summaries:
+        children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
+        assert {run.info.run_name for run in children} >= {f"{summary['invocation']}-blip2-stage1",
+                                                          f"{summary['invocation']}-blip2-stage2"}
+    assert "mlflow ui --backend-store-uri" in outputs[1]

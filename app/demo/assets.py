@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal, Sequence
 
-from app.demo.shapes import corpus, image_text_pairs
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.demo.shapes import corpus, image_text_pairs, paraphrase_corpus
+from app.demo.vision import pretrain_demo_vision
 from app.models.tiny import build_tiny_vision, prepare_tiny_models
 
 DEFAULT_ROOT = Path(".demo")
 IMAGE_SIZE = 96  # drawn size; the vision tower sees DEMO_VISION_SIZE after the transforms
 DEMO_VISION_SIZE = 64
+DEMO_VISION_PATCH = 8
 READY = "READY.json"
 
 
@@ -28,15 +33,18 @@ def _write_images(folder: Path, pairs) -> Path:
     return path
 
 
-def prepare_image_assets(root: Path, num_train: int, num_val: int, seed: int) -> dict[str, str]:
-    """`<root>/images/{train,val}` (PNG + captions.json), `<root>/shards/{train,val}`, `<root>/models/vision`."""
+def prepare_image_assets(root: Path, num_train: int, num_val: int, seed: int, vision_steps: int = 800) -> dict[str, str]:
+    """`<root>/images/{train,val}` (PNG + captions.json), `<root>/shards/{train,val}`, `<root>/models/vision`
+    (pre-trained on other drawn scenes for `vision_steps` steps; 0 keeps it random)."""
     settings = {"num_train": num_train, "num_val": num_val, "seed": seed, "size": IMAGE_SIZE,
-                "vision": DEMO_VISION_SIZE, "version": 1}
+                "vision": DEMO_VISION_SIZE, "patch": DEMO_VISION_PATCH, "vision_steps": vision_steps, "version": 2}
     paths = {"train": str(root / "shards" / "train"), "val": str(root / "shards" / "val"),
              "vision": str(root / "models" / "vision")}
     ready = root / "shards" / READY
-    if ready.exists() and json.loads(ready.read_text()) == settings:
+    if (ready.exists() and json.loads(ready.read_text()) == settings
+            and (Path(paths["vision"]) / "config.json").exists()):
         return paths
+    print(f"[demo] drawing {num_train} + {num_val} pictures and writing them as WebDataset shards", flush=True)
     import ray
 
     from app.data.shards import load_captions_json, make_shards
@@ -52,21 +60,59 @@ def prepare_image_assets(root: Path, num_train: int, num_val: int, seed: int) ->
     finally:
         if started:
             ray.shutdown()
-    build_tiny_vision(paths["vision"], kind="blip2", image_size=DEMO_VISION_SIZE, patch_size=16, hidden=64, seed=seed)
+    build_tiny_vision(paths["vision"], kind="blip2", image_size=DEMO_VISION_SIZE, patch_size=DEMO_VISION_PATCH,
+                      hidden=64, seed=seed)
+    if vision_steps:
+        print(f"[demo] pre-training the tiny image encoder on drawn scenes ({vision_steps} steps)", flush=True)
+        accuracy = pretrain_demo_vision(paths["vision"], draw_size=IMAGE_SIZE, steps=vision_steps, seed=seed)
+        print(f"[demo] image encoder held-out accuracy: {accuracy}", flush=True)
     ready.write_text(json.dumps(settings))
     return paths
 
 
-def prepare_demo_assets(root: str | Path = DEFAULT_ROOT, num_lines: int = 50_000, num_train_images: int = 2000,
-                        num_val_images: int = 200, seed: int = 0) -> dict[str, str]:
-    """`<root>/text/corpus.txt`, `<root>/models/{bert,opt,t5,vision}` and `<root>/shards/{train,val}`."""
+class DemoAssets(BaseModel):
+    """The `demo` section of a pipeline config: what to generate before the stages run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: str = Field(str(DEFAULT_ROOT), min_length=1, description="Folder of the generated assets (relative to the working directory).")
+    num_lines: int = Field(50_000, ge=100, description="Caption lines of the text corpus (stage 0 and the tiny LLM).")
+    num_train_images: int = Field(2000, ge=8, description="Drawn training pictures (2 captions each).")
+    num_val_images: int = Field(200, ge=4, description="Drawn validation pictures (2 captions each).")
+    vision_steps: int = Field(800, ge=0, description="Pre-training steps of the tiny image encoder (0: random).")
+    llms: list[Literal["opt", "t5"]] = Field(default_factory=lambda: ["opt"], min_length=1,
+                                             description="Tiny LLMs to prepare (t5 takes a few minutes).")
+    seed: int = 0
+
+
+def asset_fingerprint(root: str | Path) -> dict[str, float]:
+    """Modification times of the READY files: unchanged when a call reused everything."""
     root = Path(root)
+    return {str(p.relative_to(root)): p.stat().st_mtime for p in sorted(root.glob("*/READY*.json"))}
+
+
+def prepare_demo_assets(root: str | Path = DEFAULT_ROOT, num_lines: int = 50_000, num_train_images: int = 2000,
+                        num_val_images: int = 200, seed: int = 0, llms: Sequence[str] = ("opt",),
+                        vision_steps: int = 800) -> dict[str, str]:
+    """`<root>/text/corpus.txt`, `<root>/models/{bert,vision}` + one folder per tiny LLM in `llms` (opt: a
+    few seconds; t5: a few minutes, it needs more steps to learn to read its encoder) and
+    `<root>/shards/{train,val}`. Prints what it builds; a call that finds everything in place prints one
+    line and returns at once."""
+    shown, root = root, Path(root).resolve()  # absolute: Ray workers do not share the caller's directory
+    before = asset_fingerprint(root)
     text_path = root / "text" / "corpus.txt"
     lines = corpus(num_lines, seed)
     content = "\n".join(lines) + "\n"
     if not text_path.exists() or text_path.read_text() != content:
         text_path.parent.mkdir(parents=True, exist_ok=True)
         text_path.write_text(content)
-    models = prepare_tiny_models(root / "models", lines, seed=seed, bert_vocab=500, llm_vocab=500)
-    images = prepare_image_assets(root, num_train_images, num_val_images, seed)
+    # The tiny OPT learns from captions and caption-paraphrase pairs: without the pairs it barely reads a
+    # soft prompt, and stage 2 converges to one caption for every picture.
+    models = prepare_tiny_models(root / "models", lines, seed=seed, bert_vocab=500, llm_vocab=500, llms=tuple(llms),
+                                 lm_steps={"opt": 1000, "t5": 1500}, lm_lines=paraphrase_corpus(num_lines, seed + 7),
+                                 lm_max_len=64)
+    images = prepare_image_assets(root, num_train_images, num_val_images, seed, vision_steps)
+    after = asset_fingerprint(root)
+    print(f"[demo] reusing the assets prepared earlier in {shown}" if before and before == after else
+          f"[demo] assets ready in {shown}", flush=True)
     return {"text": str(text_path), **models, **images}

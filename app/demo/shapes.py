@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import random
 
-COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown")
-SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon", "cross", "heart")
-SIZES = ("small", "large", "tiny", "big", "medium sized")
-POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center", "top", "bottom", "left", "right")
-BACKGROUNDS = ("gray", "white", "black", "light blue", "beige", "dark green")
+# Attributes a tiny vision tower can tell apart in a 64-pixel picture: well separated colours, silhouettes that
+# differ at low resolution, two clearly different sizes, five positions, backgrounds no object shares.
+COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+SHAPES = ("circle", "square", "triangle", "star", "cross", "heart")
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
+BACKGROUNDS = ("gray", "light blue", "beige", "dark green")
 RELATIONS = ("to the left of", "to the right of", "above", "below", "next to")
 
 ONE_OBJECT = (
@@ -71,14 +73,26 @@ def corpus(num_lines: int, seed: int = 0) -> list[str]:
     return [caption(random_scene(rng), rng) for _ in range(num_lines)]
 
 
+def paraphrase_corpus(num_lines: int, seed: int = 0, paired_fraction: float = 0.5) -> list[str]:
+    """Lines for the tiny LLM's pre-training: a caption, or (paired_fraction of the time) a caption, a newline
+    and another caption of the same scene. A real LLM continues a text that restates what came before it;
+    this teaches the tiny one the same, so a soft prompt carrying a scene's content can steer it."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(num_lines):
+        scene = random_scene(rng)
+        first = caption(scene, rng)
+        lines.append(f"{first}\n{caption(scene, rng)}" if rng.random() < paired_fraction else first)
+    return lines
+
+
 RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 220, 40),
        "purple": (140, 60, 180), "orange": (245, 140, 30), "white": (250, 250, 250), "black": (15, 15, 15),
        "pink": (245, 150, 190), "brown": (130, 80, 40), "gray": (128, 128, 128), "light blue": (170, 210, 240),
        "beige": (225, 210, 170), "dark green": (20, 80, 40)}
-CENTRES = {"top left": (0.25, 0.25), "top right": (0.75, 0.25), "bottom left": (0.25, 0.75),
-           "bottom right": (0.75, 0.75), "center": (0.5, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8),
-           "left": (0.2, 0.5), "right": (0.8, 0.5)}
-RADII = {"tiny": 0.07, "small": 0.1, "medium sized": 0.14, "large": 0.19, "big": 0.22}
+CENTRES = {"top left": (0.26, 0.26), "top right": (0.74, 0.26), "bottom left": (0.26, 0.74),
+           "bottom right": (0.74, 0.74), "center": (0.5, 0.5)}
+RADII = {"small": 0.12, "large": 0.22}
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -92,10 +106,6 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape == "triangle":
         return ring(3, r)
-    if shape == "diamond":
-        return ring(4, r)
-    if shape == "hexagon":
-        return ring(6, r, 0.0)
     if shape == "star":
         outer, inner = ring(5, r), ring(5, r * 0.45, -math.pi / 2 + math.pi / 5)
         return [p for pair in zip(outer, inner) for p in pair]
