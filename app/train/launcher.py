@@ -32,8 +32,16 @@ def init_ray(cfg: Config) -> bool:
         ray.init(log_to_driver=True)
         return False
     ray.init(num_cpus=cfg.scaling.local_num_cpus, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"},
+                          "worker_process_setup_hook": "app.train.launcher.quiet_without_dashboard"})
     return True
+
+
+def quiet_without_dashboard() -> None:
+    """Worker setup for the local instance, which runs without the dashboard: Ray Train's placement-group
+    cleaner (a safety net for a controller that dies abruptly; a run that ends removes its own group)
+    asks the state API, served by the dashboard, every few seconds and warns on each failed query."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def data_config(cfg: Config, local: bool):
