@@ -39,7 +39,8 @@ class StorageSection(_Section):
 
 
 class MlflowSection(_Section):
-    tracking_uri: str = Field("sqlite:///mlflow.db", min_length=1)
+    tracking_uri: str = Field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db",
+                              min_length=1, description="Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here.")
     experiment: str = Field("pformer", min_length=1)
 
 
@@ -54,6 +55,8 @@ class ScalingSection(_Section):
     # the job starts itself, the cores left over by the trainer (at least 1), so the extra logical CPUs
     # above never oversubscribe the machine.
     data_cpus: Optional[float] = Field(None, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers: PACK fills a node first; STRICT_SPREAD one per node.")
 
 
 class TrainSection(_Section):
@@ -155,7 +158,7 @@ class Config(_Section):
     stage: Literal["pformer", "qformer", "llm"] = "pformer"
     run: RunSection = RunSection()
     storage: StorageSection = StorageSection()
-    mlflow: MlflowSection = MlflowSection()
+    mlflow: MlflowSection = Field(default_factory=MlflowSection)  # (a fresh default reads $MLFLOW_TRACKING_URI)
     scaling: ScalingSection = ScalingSection()
     train: TrainSection = TrainSection()
     data: DataSection = DataSection()

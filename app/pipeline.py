@@ -206,7 +206,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(config: PipelineConfig, out_dir: Optional[str] = None) -> dict[str, Any]:
+def run_pipeline(config: PipelineConfig, out_dir: Optional[str] = None, parent_run_id: Optional[str] = None,
+                 params: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Run every stage of every arm and the evaluations; returns the summary. `parent_run_id`: MLflow run
+    this invocation's run goes under (a sweep's); `params`: logged on the invocation's run (a trial's)."""
     from app.evaluation.inference import InferenceSettings
     from app.evaluation.model import GenerationOptions
     from app.evaluation.tasks import EvalRun, EvalSource, evaluate_captions
@@ -218,8 +221,14 @@ def run_pipeline(config: PipelineConfig, out_dir: Optional[str] = None) -> dict[
     base = resolve_paths(config.stage_config("stage0"))
     uri, experiment = base.mlflow.tracking_uri, base.mlflow.experiment
     client = tracking.client(uri)
-    parent = client.create_run(tracking.experiment_id(uri, experiment), run_name=invocation,
-                               tags={"stage": "pipeline", "arms": ",".join(p.arms)}).info.run_id
+    run_tags = {"stage": "pipeline", "arms": ",".join(p.arms)}
+    if parent_run_id:
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    parent = client.create_run(tracking.experiment_id(uri, experiment), run_name=invocation, tags=run_tags).info.run_id
+    if params:
+        from mlflow.entities import Param
+
+        client.log_batch(parent, params=[Param(k, str(v)[:500]) for k, v in sorted(params.items())])
     out = Path(out_dir or Path("outputs") / invocation)
     plan = (["stage0"] if "pformer" in p.arms else []) + [f"{arm}:{s}" for arm in p.arms for s in
                                                           ("stage1", "stage2", "eval")]

@@ -89,3 +89,12 @@ def test_stage_keys_and_paper_defaults():
         load_config(None, ["loss.align_weight=-1"])
     with pytest.raises(ConfigError, match="data.max_skipped_fraction"):
         load_config(None, ["data.max_skipped_fraction=1.5"])
+
+
+def test_mlflow_tracking_uri_defaults_to_the_environment(monkeypatch):
+    # A cluster's head exports MLFLOW_TRACKING_URI (cluster.yaml); a config that names a URI keeps its own.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000")
+    assert build_config({}).mlflow.tracking_uri == "http://10.0.0.5:5000"
+    assert build_config({"mlflow": {"tracking_uri": "sqlite:///x.db"}}).mlflow.tracking_uri == "sqlite:///x.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert build_config({}).mlflow.tracking_uri == "sqlite:///mlflow.db"

@@ -83,8 +83,11 @@ def existing_checkpoints(cfg: Config, s3: storage.S3Options) -> list[str]:
                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
 
 
-def run_stage(cfg: Config, parent_run_id: Optional[str] = None) -> dict[str, Any]:
-    """Train one stage to `train.max_steps`; returns the summary (MLflow run, checkpoint, final losses)."""
+def run_stage(cfg: Config, parent_run_id: Optional[str] = None, callbacks: Optional[list] = None,
+              tags: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Train one stage to `train.max_steps`; returns the summary (MLflow run, checkpoint, final losses).
+    `callbacks`: extra Ray Train callbacks (a sweep trial passes Tune's report callback); `tags`: extra
+    MLflow tags of the run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -105,7 +108,8 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None) -> dict[str, Any
                                        cfg.run.storage_path) if resuming else None)
     data_tags = {f"data.{k}": v for k, v in cfg.data.model_dump().items()
                  if k in ("text", "train", "val") and v}
-    run_id = tracking.start_run(cfg, tags=data_tags, parent_run_id=parent_run_id, resume_run_id=resume_run_id)
+    run_id = tracking.start_run(cfg, tags={**data_tags, **(tags or {})}, parent_run_id=parent_run_id,
+                                resume_run_id=resume_run_id)
     print(f"[{cfg.stage}] run '{cfg.run.name}': MLflow run {run_id} at {cfg.mlflow.tracking_uri}"
           f"{' (resuming)' if resuming else ''}", flush=True)
 
@@ -121,12 +125,14 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None) -> dict[str, Any
             train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "counter": counter,
                                "has_val": "val" in datasets},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+                                         placement_strategy=cfg.scaling.placement_strategy),
             run_config=RunConfig(
                 name=cfg.run.name, storage_path=storage_path,
                 storage_filesystem=storage_fs if storage.is_s3(cfg.run.storage_path) else None,
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_checkpoints_to_keep)),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_checkpoints_to_keep),
+                callbacks=list(callbacks or [])),
             datasets=datasets,
             dataset_config=data_config(cfg, local),
         )
