@@ -248,7 +248,7 @@ class SweepSettings:
     metric: Optional[str] = None     # default: DEFAULT_METRIC[stage] (stage sweeps), CIDEr (pipeline sweeps)
     mode: Optional[str] = None       # default: min for losses, max for caption metrics
     max_concurrent: Optional[int] = None
-    grace_period: int = 1            # ASHA: reports before a trial can be stopped
+    grace_period: int = 1            # ASHA: logging windows (at least max_steps/4) before a trial can be stopped
     name: Optional[str] = None
 
 
@@ -318,8 +318,9 @@ def run_sweep(dims: list[Dimension], settings: SweepSettings, *, config_path: Op
         if settings.scheduler == "asha":
             from ray.tune.schedulers import ASHAScheduler
 
-            scheduler = ASHAScheduler(time_attr="step", max_t=base.train.max_steps,
-                                      grace_period=max(1, settings.grace_period * base.train.log_every_steps),
+            # A trial runs at least a quarter of its steps (and one logging window) before it can be stopped.
+            grace = max(base.train.log_every_steps * settings.grace_period, base.train.max_steps // 4)
+            scheduler = ASHAScheduler(time_attr="step", max_t=base.train.max_steps, grace_period=grace,
                                       reduction_factor=2)
         tuner = tune.Tuner(
             tune.with_resources(fn, {"CPU": 0.1}),  # the trial function only drives; its trainer asks for workers
@@ -376,10 +377,15 @@ def sweep_rows(results, dims: list[Dimension], max_steps: Optional[int]) -> list
 
 
 def pick_best(rows: list[dict], metric: str, mode: str) -> Optional[dict]:
+    """The best trial among those that ran to the end: a trial ASHA stopped early reports an earlier
+    step's metric (not comparable) and has no final checkpoint. Falls back to stopped trials only when
+    none finished."""
     scored = [r for r in rows if r["status"] != "ERROR" and isinstance(r["metrics"].get(metric), (int, float))]
-    if not scored:
+    finished = [r for r in scored if r["status"] == "DONE"]
+    candidates = finished or scored
+    if not candidates:
         return None
-    return (min if mode == "min" else max)(scored, key=lambda r: r["metrics"][metric])
+    return (min if mode == "min" else max)(candidates, key=lambda r: r["metrics"][metric])
 
 
 def format_rows(rows: list[dict], dims: list[Dimension], metric: str) -> str:
