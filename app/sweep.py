@@ -205,8 +205,9 @@ def _stage_trial(params: dict[str, Any], *, raw: dict, overrides: list[str], swe
     cfg = build_config(copy.deepcopy(raw), [*overrides, *_trial_overrides(params), f"run.name={sweep}-{trial_id}"])
     summary = run_stage(cfg, parent_run_id=parent, callbacks=[TuneReportCallback()],
                         tags={"sweep": sweep, "trial_id": trial_id})
-    tune.report({**summary["metrics"], "checkpoint": summary["checkpoint"], "mlflow_run_id": summary["mlflow_run_id"],
-                 "run_name": cfg.run.name})
+    step = summary["metrics"].get("step") or summary.get("step") or cfg.train.max_steps
+    tune.report({**summary["metrics"], "step": step, "checkpoint": summary["checkpoint"],
+                 "mlflow_run_id": summary["mlflow_run_id"], "run_name": cfg.run.name})
 
 
 def _pipeline_trial(params: dict[str, Any], *, config_path: Optional[str], overrides: list[str], sweep: str,
@@ -320,7 +321,9 @@ def run_sweep(dims: list[Dimension], settings: SweepSettings, *, config_path: Op
 
             # A trial runs at least a quarter of its steps (and one logging window) before it can be stopped.
             grace = max(base.train.log_every_steps * settings.grace_period, base.train.max_steps // 4)
-            scheduler = ASHAScheduler(time_attr="step", max_t=base.train.max_steps, grace_period=grace,
+            # max_t past the last step: ASHA stops a trial that reaches max_t, which would cut off the end of a
+            # finished run (its MLflow run and summary are completed after the last report).
+            scheduler = ASHAScheduler(time_attr="step", max_t=base.train.max_steps + 1, grace_period=grace,
                                       reduction_factor=2)
         tuner = tune.Tuner(
             tune.with_resources(fn, {"CPU": 0.1}),  # the trial function only drives; its trainer asks for workers
@@ -332,6 +335,7 @@ def run_sweep(dims: list[Dimension], settings: SweepSettings, *, config_path: Op
         )
         results = tuner.fit()
         rows = sweep_rows(results, dims, None if pipeline else base.train.max_steps)
+        close_stopped_runs(client, parent)
         best = pick_best(rows, metric, mode)
         summary = {"name": name, "parent_run_id": parent, "tracking_uri": uri, "metric": metric, "mode": mode,
                    "trials": rows, "best": best, "wall_s": round(time.time() - started, 1),
@@ -374,6 +378,15 @@ def sweep_rows(results, dims: list[Dimension], max_steps: Optional[int]) -> list
                      "steps": info.get("step"),
                      "error": str(result.error).splitlines()[0][:300] if result.error else None})
     return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def close_stopped_runs(client, parent: str) -> None:
+    """A trial the scheduler stopped was killed mid-run, before its stage could end its MLflow run: mark
+    those children KILLED (they keep the metrics logged until then)."""
+    experiment = client.get_run(parent).info.experiment_id
+    for run in client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 def pick_best(rows: list[dict], metric: str, mode: str) -> Optional[dict]:

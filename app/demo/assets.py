@@ -1,6 +1,7 @@
 """Prepare the embedded default's assets once: a generated text corpus, tiny models trained on it, drawn
 images with captions written as WebDataset shards (through the same writer as real data), and a tiny
-frozen vision tower. A second call with the same settings reuses everything."""
+vision tower pre-trained on other drawn scenes (frozen in the pipeline, like BLIP-2's EVA-CLIP). A second
+call with the same settings reuses everything."""
 
 from __future__ import annotations
 
