@@ -102,6 +102,9 @@ class DataSection(_Section):
     min_crop_scale: float = Field(0.5, gt=0, le=1, description="Training random-resized-crop area range [min_crop_scale, 1].")
     horizontal_flip: bool = Field(
         True, description="Training: flip half the images left-right (off when captions say left or right).")
+    num_frames: Optional[int] = Field(
+        None, gt=0, le=64, description="Video-text data: frames sampled per clip (one per equal segment); "
+                                       "None = image-text data. In a video run an image is a one-frame clip.")
     max_skipped_fraction: float = Field(
         0.1, ge=0, le=1,
         description="Stages 1-2: the run fails (naming shard and key) when more samples than this are unusable.")
@@ -122,6 +125,9 @@ class ModelSection(_Section):
     qformer: str = Field("bert-base-uncased", description="HF id or path of the BERT that initialises the Q-Former.")
     cross_attention_freq: int = Field(2, gt=0, description="Q-Former cross-attention every N layers.")
     prompt: str = Field("", description="Stage 2: text prompt after the soft prompt (BLIP-2's `prompt`).")
+    frame_pooling: Literal["concat", "mean"] = Field(
+        "concat", description="Video (data.num_frames): the Q-Former cross-attends to every frame's tokens (concat) "
+                              "or to their mean over frames (mean), after a learned temporal position embedding.")
     dropout: Optional[float] = Field(
         None, ge=0, lt=1, description="Dropout of the trained BERT layers (P-Former in stage 0, Q-Former in stages "
                                       "1-2); unset = the checkpoint's own (0.1 for BERT). Tiny models learn better with 0.")

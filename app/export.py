@@ -63,6 +63,9 @@ def export_blip2(checkpoint: str, out_dir: str | Path, s3: Optional[storage.S3Op
     if type(tower) is not Blip2VisionModel:
         raise ExportError(f"Blip2ForConditionalGeneration holds a BLIP-2 vision tower (Blip2VisionModel); this "
                           f"checkpoint was trained on a {type(tower).__name__} ({model.manifest['frozen']['vision']})")
+    if model.qformer.num_frames:
+        raise ExportError(f"Blip2ForConditionalGeneration takes one image; this checkpoint is a video model "
+                          f"({model.qformer.num_frames} frames, temporal embedding): keep it in this project's format")
     llm = model.llm.model
     tokenizer = model.llm_tokenizer
     stop_ids, unused = model.stop_token_ids(), model.unused_token_ids()

@@ -284,7 +284,8 @@ class QFormerStage(ImageTextStage):
             storage.local_model(cfg.model.qformer, s3), num_query_tokens=cfg.model.num_query_tokens,
             encoder_hidden_size=vision.width, llm_dim=llm_embed_dim(storage.local_model(cfg.model.llm, s3)),
             cross_attention_frequency=cfg.model.cross_attention_freq, contrastive_dim=cfg.model.contrastive_dim,
-            temp_init=cfg.model.temp_init, dropout=cfg.model.dropout)
+            temp_init=cfg.model.temp_init, dropout=cfg.model.dropout, num_frames=cfg.data.num_frames or 0,
+            frame_pooling=cfg.model.frame_pooling)
         weights = Stage1Weights(itc=cfg.loss.itc_weight, itm=cfg.loss.itm_weight, itg=cfg.loss.itg_weight,
                                 align=cfg.loss.align_weight_for(self.name), label_smoothing=cfg.loss.label_smoothing)
         model = QFormerPretrain(vision, qformer, self.pformer(cfg, s3), weights)
@@ -298,7 +299,7 @@ class QFormerStage(ImageTextStage):
         return {"stage": self.name, "frozen": {"vision": cfg.model.vision, "pformer": cfg.init_from.pformer,
                                                "llm": cfg.model.llm},
                 "qformer_init": cfg.model.qformer, "num_query_tokens": cfg.model.num_query_tokens,
-                "align_weight": cfg.loss.align_weight_for(self.name)}
+                "num_frames": cfg.data.num_frames, "align_weight": cfg.loss.align_weight_for(self.name)}
 
 
 class LLMStage(ImageTextStage):
@@ -323,6 +324,14 @@ class LLMStage(ImageTextStage):
         if heads["num_query_tokens"] != cfg.model.num_query_tokens:
             raise ConfigError(f"model.num_query_tokens is {cfg.model.num_query_tokens}, but the stage-1 Q-Former has "
                               f"{heads['num_query_tokens']} queries")
+        trained_frames, wanted_frames = heads.get("num_frames", 0), cfg.data.num_frames or 0
+        if trained_frames != wanted_frames:
+            what = {0: "images"}.get(trained_frames, f"clips of {trained_frames} frames")
+            raise ConfigError(f"data.num_frames is {cfg.data.num_frames}, but the stage-1 Q-Former was trained on {what}: "
+                              f"stage 2 samples frames as stage 1 did (set data.num_frames={trained_frames or 'null'})")
+        if trained_frames and heads.get("frame_pooling", "concat") != cfg.model.frame_pooling:
+            raise ConfigError(f"model.frame_pooling is {cfg.model.frame_pooling}, but the stage-1 Q-Former pools frames "
+                              f"by {heads['frame_pooling']}")
         llm_dim = llm_embed_dim(storage.local_model(cfg.model.llm, s3))
         if heads["llm_dim"] != llm_dim:
             raise ConfigError(f"the stage-1 Q-Former's llm_proj_q maps to width {heads['llm_dim']}, but model.llm "
@@ -364,7 +373,7 @@ class LLMStage(ImageTextStage):
         return {"stage": self.name, "frozen": {"vision": cfg.model.vision, "pformer": cfg.init_from.pformer,
                                                "llm": cfg.model.llm},
                 "init_from": {"qformer": cfg.init_from.qformer}, "num_query_tokens": cfg.model.num_query_tokens,
-                "align_weight": cfg.loss.align_weight_for(self.name), "prompt": cfg.model.prompt}
+                "num_frames": cfg.data.num_frames, "align_weight": cfg.loss.align_weight_for(self.name), "prompt": cfg.model.prompt}
 
 
 STAGE_NUMBER = {"pformer": 0, "qformer": 1, "llm": 2}

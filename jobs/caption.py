@@ -1,6 +1,7 @@
-"""Caption images with a trained stage-2 checkpoint.
+"""Caption images (or video clips) with a trained stage-2 checkpoint.
 
     python -m jobs.caption --checkpoint CKPT photo.jpg                # prints the caption
+    python -m jobs.caption --checkpoint CKPT clip.mp4                 # a video model: frames sampled as in eval
     python -m jobs.caption --checkpoint CKPT photos/ [--out c.jsonl]  # a folder: Ray Data batch inference
     python -m jobs.caption --checkpoint CKPT s3://bucket/shards/      # image-text shards (.tar / .parquet)
 
@@ -33,14 +34,29 @@ def caption_one(args, s3, options) -> dict:
     import torch
 
     from app.data.images import decode_image, transform_image
-    from app.evaluation.model import TrainedBLIP2
+    from app.data.video import VideoDecodeError, clip_pixels, is_video
+    from app.evaluation.model import TrainedBLIP2, find_checkpoint
+    from app.evaluation.tasks import checkpoint_config, checkpoint_image_size
 
+    checkpoint, _ = find_checkpoint(args.checkpoint, s3, ("llm",), "captioning")
+    num_frames = checkpoint_config(checkpoint, s3).data.num_frames
+    data, ext = Path(args.input).read_bytes(), Path(args.input).suffix.lower().lstrip(".")
+    if is_video(ext) and not num_frames:
+        raise ValueError(f"{args.input} is a video, but {checkpoint} was trained on images (no data.num_frames)")
     try:
-        image, _ = decode_image(Path(args.input).read_bytes(), draft_size=None)
+        if num_frames:  # a video model: a clip's frames, or an image as a one-frame clip
+            size = checkpoint_image_size(checkpoint, s3)
+            array, _ = clip_pixels(data, ext, num_frames=num_frames, size=size, train=False)
+        else:
+            image, _ = decode_image(data, draft_size=None)
+    except VideoDecodeError as err:
+        raise ValueError(f"{args.input}: not a readable video ({err.reason}: {err})") from None
     except Exception as err:  # PIL raises many types for corrupt data
         raise ValueError(f"{args.input}: not a readable image ({type(err).__name__}: {err})") from None
-    model = TrainedBLIP2.from_checkpoint(args.checkpoint, s3)
-    pixels = torch.from_numpy(transform_image(image, model.image_size, train=False)[None].copy())
+    model = TrainedBLIP2.from_checkpoint(checkpoint, s3)
+    if not num_frames:
+        array = transform_image(image, model.image_size, train=False)
+    pixels = torch.from_numpy(array[None].copy())
     prompt = model.prompt if args.prompt is None else args.prompt
     caption = model.generate(pixels, [prompt], options)[0]
     return {"id": Path(args.input).name, "source": args.input, "caption": caption}
@@ -52,9 +68,10 @@ def caption_many(args, s3, options) -> tuple[list[dict], list[dict]]:
     from app.evaluation import data as eval_data
     from app.evaluation.inference import default_settings, run_generation
     from app.evaluation.model import find_checkpoint
-    from app.evaluation.tasks import checkpoint_image_size
+    from app.evaluation.tasks import checkpoint_config, checkpoint_image_size
 
     checkpoint, manifest = find_checkpoint(args.checkpoint, s3, ("llm",), "captioning")
+    cfg = checkpoint_config(checkpoint, s3)
     prompt = (manifest.get("prompt") or "") if args.prompt is None else args.prompt
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
@@ -63,8 +80,8 @@ def caption_many(args, s3, options) -> tuple[list[dict], list[dict]]:
     else:
         source = eval_data.items_dataset(eval_data.caption_items(images=args.input, prompt=prompt, s3=s3))
     settings = default_settings(batch_size=args.batch_size, num_actors=args.num_actors, use_gpu=args.gpu)
-    result = run_generation(source, checkpoint=checkpoint, image_size=checkpoint_image_size(checkpoint, s3), options=options,
-                            settings=settings, s3=s3)
+    result = run_generation(source, checkpoint=checkpoint, image_size=checkpoint_image_size(checkpoint, s3, cfg),
+                            options=options, settings=settings, s3=s3, num_frames=cfg.data.num_frames)
     rows = [{"id": r["id"], "source": r["source"], "caption": r["text"]} for r in result.rows]
     return rows, result.skipped
 
@@ -72,7 +89,7 @@ def caption_many(args, s3, options) -> tuple[list[dict], list[dict]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="an image file, a folder of images, or image-text shards (local or s3://)")
+    p.add_argument("input", help="an image or clip, a folder of them, or image/video-text shards (local or s3://)")
     p.add_argument("--checkpoint", required=True, help="stage-2 checkpoint or run folder (local or s3://)")
     p.add_argument("--prompt", help="text prompt before the caption (default: the one the checkpoint was trained with)")
     p.add_argument("--out", default="captions.jsonl", help="JSONL output for a folder or shards (default %(default)s)")

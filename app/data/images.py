@@ -11,7 +11,8 @@ dropped. Images leave as uint8 HWC arrays (a quarter of float32's bytes); the vi
 normalises them on the device.
 
 WebDataset layout (as img2dataset writes it): members `<key>.<ext>` grouped by key, with the image
-in `.jpg|.jpeg|.png|.webp|.bmp` and the caption in `.txt`, or in `.json` under the caption field
+in `.jpg|.jpeg|.png|.webp|.bmp` (or a clip in `.mp4|.webm|.avi|.mkv|.mov|.m4v`, for video runs:
+`data.num_frames`, see `app.data.video`) and the caption in `.txt`, or in `.json` under the caption field
 (`data.caption_column`, a string) or `captions` (a list: one is sampled per pass in training).
 Parquet: an image-bytes column (`data.image_column`, binary or a `{bytes: ...}` struct as written by
 Hugging Face datasets), a caption column (string or list of strings) and optionally `key`.
@@ -46,7 +47,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 SHARD_EXTENSIONS = {".tar": "webdataset", ".parquet": "parquet"}
 CHUNK_ROWS = 256
 SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("image", pa.binary()),
-                    ("captions", pa.list_(pa.string())), ("problem", pa.string())])
+                    ("captions", pa.list_(pa.string())), ("problem", pa.string()), ("ext", pa.string())])
 
 
 def shard_files(uri: str, fmt: str = "auto", s3: storage.S3Options | None = None):
@@ -84,7 +85,10 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def _sample_row(key: str, shard: str, members: dict[str, bytes], caption_field: str) -> dict:
-    image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+    from app.data.video import VIDEO_EXTENSIONS
+
+    ext = next((e for e in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS if e in members), "")
+    image = members[ext] if ext else None
     captions: list[str] = []
     problem = None
     if "json" in members:
@@ -105,7 +109,7 @@ def _sample_row(key: str, shard: str, members: dict[str, bytes], caption_field: 
             problem = "undecodable_caption"
     if image is None:
         problem = "no_image"
-    return {"key": key, "shard": shard, "image": image, "captions": captions, "problem": problem}
+    return {"key": key, "shard": shard, "image": image, "captions": captions, "problem": problem, "ext": ext}
 
 
 def iter_tar_samples(f, shard: str, caption_field: str = "caption") -> Iterator[dict]:
@@ -128,7 +132,7 @@ def iter_tar_samples(f, shard: str, caption_field: str = "caption") -> Iterator[
                 members[ext] = data.read() if data is not None else b""
     except (tarfile.TarError, EOFError, OSError) as err:
         logger.warning("%s: unreadable after key %r (%s); the rest of the shard is skipped", shard, key, err)
-        yield {"key": key or "", "shard": shard, "image": None, "captions": [], "problem": "truncated_shard"}
+        yield {"key": key or "", "shard": shard, "image": None, "captions": [], "problem": "truncated_shard", "ext": ""}
         return
     if key is not None:
         yield _sample_row(key, shard, members, caption_field)
@@ -168,7 +172,7 @@ def _parquet_to_rows(batch: pa.Table, image_column: str, caption_column: str, ur
         data = _image_bytes(image)
         rows.append({"key": str(key) if key is not None else "", "shard": uri_prefix + path, "image": data,
                      "captions": [c for c in listed if isinstance(c, str)],
-                     "problem": None if data is not None else "no_image"})
+                     "problem": None if data is not None else "no_image", "ext": ""})
     return _table(rows)
 
 
@@ -328,13 +332,30 @@ def tokenize_captions(texts: list[str], spec: CaptionSpec, rng: np.random.Genera
 # the preprocessing step
 
 
+_skips_logged = Counter()
+SKIPS_LOGGED_IN_FULL = 20
+
+
+def _log_skip(shard: str, key: str, reason: str) -> None:
+    """One warning per unusable sample for the first few in this process, then one per thousand."""
+    _skips_logged["n"] += 1
+    n = _skips_logged["n"]
+    if n <= SKIPS_LOGGED_IN_FULL or n % 1000 == 0:
+        more = "" if n < SKIPS_LOGGED_IN_FULL else f" ({n} skipped in this process so far; further ones are counted)"
+        logger.warning("skipped sample %r of %s: %s%s", key, shard, reason, more)
+
+
 def preprocess_image_batch(batch: pa.Table, *, image_size: int, train: bool, captions: CaptionSpec,
                            min_crop_scale: float = 0.5, horizontal_flip: bool = True, seed: int = 0, counter=None, count_prefix: str = "",
-                           s3: Optional[storage.S3Options] = None, keep_text: bool = False) -> dict[str, np.ndarray]:
-    """Raw sample rows -> `pixels` (N, S, S, 3) uint8 + caption tokens. Bad samples are counted, not raised.
+                           s3: Optional[storage.S3Options] = None, keep_text: bool = False,
+                           num_frames: Optional[int] = None) -> dict[str, np.ndarray]:
+    """Raw sample rows -> `pixels` uint8 (N, S, S, 3), or (N, T, S, S, 3) with `num_frames` T (video: clips
+    are sampled as in `app.data.video`, images repeated), + caption tokens. Bad samples are counted, not raised.
 
     keep_text: also return `key`, `shard` and the chosen `caption` (evaluation, inspection).
     """
+    from app.data import video
+
     rows = batch.to_pylist()
     counts: Counter = Counter(rows_read=len(rows))
     examples: list[dict[str, str]] = []
@@ -346,6 +367,7 @@ def preprocess_image_batch(batch: pa.Table, *, image_size: int, train: bool, cap
     def skip(row: dict, reason: str, detail: str = "") -> None:
         counts[f"skipped_{reason}"] += 1
         examples.append({"shard": row["shard"], "key": row["key"] or "?", "reason": count_prefix + reason + detail})
+        _log_skip(row["shard"], row["key"] or "?", count_prefix + reason + detail)
 
     for row in rows:
         if row["problem"] is not None:
@@ -360,14 +382,34 @@ def preprocess_image_batch(batch: pa.Table, *, image_size: int, train: bool, cap
         if not text:
             skip(row, "empty_caption")
             continue
-        try:
-            img, converted = decode_image(row["image"], draft_size=2 * image_size)
-        except Exception as err:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError...)
-            skip(row, "corrupt_image", f" ({type(err).__name__}: {err})")
+        ext = row.get("ext") or ""
+        if not row["image"]:
+            skip(row, "empty_file")
             continue
+        if num_frames:
+            try:
+                pixels, converted = video.clip_pixels(row["image"], ext, num_frames=num_frames, size=image_size,
+                                                      train=train, rng=rng, min_scale=min_crop_scale,
+                                                      flip=horizontal_flip)
+            except video.VideoDecodeError as err:
+                skip(row, err.reason, f" ({err})")
+                continue
+            except Exception as err:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError...)
+                skip(row, "corrupt_image", f" ({type(err).__name__}: {err})")
+                continue
+        elif video.is_video(ext):
+            skip(row, "video_in_image_run", f" (a .{ext} clip; set data.num_frames to train on video)")
+            continue
+        else:
+            try:
+                img, converted = decode_image(row["image"], draft_size=2 * image_size)
+            except Exception as err:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError...)
+                skip(row, "corrupt_image", f" ({type(err).__name__}: {err})")
+                continue
+            pixels = transform_image(img, image_size, train, rng, min_crop_scale, horizontal_flip)
         if converted is not None:
             counts[f"converted_{converted.lower().replace(';', '_')}"] += 1
-        kept_pixels.append(transform_image(img, image_size, train, rng, min_crop_scale, horizontal_flip))
+        kept_pixels.append(pixels)
         kept_texts.append(text)
         kept_rows.append(row)
     counts["rows_kept"] = len(kept_texts)
@@ -394,9 +436,10 @@ def image_text_dataset(uri: str, cfg, *, train: bool, image_size: int, captions:
                           caption_column=cfg.data.caption_column, s3=s3, shuffle_files=train)
     return raw.map_batches(
         preprocess_image_batch,
-        batch_size=64,
+        batch_size=16 if cfg.data.num_frames else 64,  # a clip decodes ~10x slower than a photo
         batch_format="pyarrow",
         fn_kwargs=dict(image_size=image_size, train=train, captions=captions, min_crop_scale=cfg.data.min_crop_scale,
                        horizontal_flip=cfg.data.horizontal_flip,
-                       seed=cfg.run.seed, counter=counter, count_prefix=count_prefix, s3=s3, keep_text=keep_text),
+                       seed=cfg.run.seed, counter=counter, count_prefix=count_prefix, s3=s3, keep_text=keep_text,
+                       num_frames=cfg.data.num_frames),
     )

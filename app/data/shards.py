@@ -1,7 +1,8 @@
 """Write WebDataset shards from a folder of media files and their captions, with Ray Data.
 
 Inputs: a folder + `captions.json` (`{file: [captions]}`; a value may also be one string, or an object
-with a `captions` list), or a COCO caption annotation file (`images` + `annotations`) + its image
+with a `captions` list and optionally the `file` it describes, relative to the folder, as MSR-VTT's
+`{"video0": {"file": "videos/video0.mp4", "captions": [...]}}`: the key is then the entry's name), or a COCO caption annotation file (`images` + `annotations`) + its image
 folder. Output: `shard-00000.tar`, ... at a local folder or s3:// prefix, keys sorted, each sample
 `<key>.<original extension>` (bytes copied as they are) + `<key>.txt` (one sample per caption) or
 `<key>.json` with the `captions` list (one sample per file), and `_index.json` (shards, counts).
@@ -49,13 +50,31 @@ def _caption_list(value: Any) -> list[str]:
 
 
 def load_captions_json(path: str | os.PathLike) -> dict[str, list[str]]:
+    """{file: [captions]}. An entry may name its file: `{"video0": {"file": "videos/video0.mp4",
+    "captions": [...]}}` (MSR-VTT style); its key is then the entry's name (see `listed_keys`)."""
+    data = _read_listing(path)
+    return {_listed_file(name, value): _caption_list(value) for name, value in data.items()}
+
+
+def listed_keys(path: str | os.PathLike) -> dict[str, str]:
+    """{file: key} for the entries of a captions.json that name their file (the entry name is the key)."""
+    data = _read_listing(path)
+    return {value["file"]: _key(name) for name, value in data.items()
+            if isinstance(value, dict) and isinstance(value.get("file"), str)}
+
+
+def _read_listing(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot read captions file {path}: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping {{file: [captions]}}, got {type(data).__name__}")
-    return {str(name): _caption_list(value) for name, value in data.items()}
+    return data
+
+
+def _listed_file(name: str, value: Any) -> str:
+    return value["file"] if isinstance(value, dict) and isinstance(value.get("file"), str) else str(name)
 
 
 def load_coco_annotations(path: str | os.PathLike) -> dict[str, list[str]]:
@@ -71,8 +90,10 @@ def load_coco_annotations(path: str | os.PathLike) -> dict[str, list[str]]:
     return out
 
 
-def plan_samples(captions: dict[str, list[str]], per: str = "caption") -> tuple[list[Sample], int]:
-    """Samples sorted by key, and the number of files without any caption (left out)."""
+def plan_samples(captions: dict[str, list[str]], per: str = "caption",
+                 keys: Optional[dict[str, str]] = None) -> tuple[list[Sample], int]:
+    """Samples sorted by key, and the number of files without any caption (left out). `keys`: {file: key}
+    where the listing gives one (else the key is the file's path without its extension)."""
     if per not in ("caption", "file"):
         raise ValueError(f"per must be 'caption' or 'file', not {per!r}")
     samples, uncaptioned = [], 0
@@ -81,7 +102,7 @@ def plan_samples(captions: dict[str, list[str]], per: str = "caption") -> tuple[
         if not texts:
             uncaptioned += 1
             continue
-        stem = _key(Path(name).with_suffix("").as_posix())
+        stem = (keys or {}).get(name) or _key(Path(name).with_suffix("").as_posix())
         if per == "file":
             samples.append(Sample(stem, name, texts))
         else:
@@ -133,7 +154,8 @@ def write_shard(row: dict[str, Any], *, media_dir: str, out: str, s3: Optional[s
 
 
 def make_shards(media_dir: str, captions: dict[str, list[str]], out: str, *, shard_size: int = 1000,
-                per: str = "caption", s3: Optional[storage.S3Options] = None) -> dict[str, Any]:
+                per: str = "caption", s3: Optional[storage.S3Options] = None,
+                keys: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """Plan, write in parallel with Ray Data, and index the shards. Returns the index."""
     import ray.data
 
@@ -141,7 +163,7 @@ def make_shards(media_dir: str, captions: dict[str, list[str]], out: str, *, sha
         raise ValueError(f"shard size must be positive, got {shard_size}")
     if not Path(media_dir).is_dir():
         raise FileNotFoundError(f"no such folder: {media_dir}")
-    samples, uncaptioned = plan_samples(captions, per)
+    samples, uncaptioned = plan_samples(captions, per, keys)
     if not samples:
         raise ValueError(f"no captioned files to write ({len(captions)} listed, {uncaptioned} without captions)")
     plans = [{"index": i, "samples": [s.__dict__ for s in samples[start:start + shard_size]]}

@@ -25,9 +25,11 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import pyarrow as pa
 import ray
+from PIL import Image
 
 from app import storage
 from app.data.images import IMAGE_EXTENSIONS, decode_image, read_image_text, transform_image
+from app.data.video import VIDEO_EXTENSIONS, VideoDecodeError, clip_pixels, is_video
 from app.data.stats import report_counts
 
 logger = logging.getLogger(__name__)
@@ -35,7 +37,8 @@ logger = logging.getLogger(__name__)
 THUMB_SIZE = 96
 ITEM_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("path", pa.string()),
                          ("image", pa.binary()), ("refs", pa.string()), ("prompt", pa.string()),
-                         ("problem", pa.string())])
+                         ("problem", pa.string()), ("ext", pa.string())])
+MEDIA_EXTENSIONS = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
 
 
 class EvalDataError(ValueError):
@@ -43,8 +46,9 @@ class EvalDataError(ValueError):
 
 
 def eval_item(id_: Any, path: str, refs: Iterable[str] = (), prompt: str = "", source: Optional[str] = None) -> dict:
+    ext = path.rsplit("/", 1)[-1].rpartition(".")[2].lower() if "." in path.rsplit("/", 1)[-1] else ""
     return {"id": str(id_), "source": source or path, "path": path, "image": None,
-            "refs": json.dumps([r for r in refs if isinstance(r, str)]), "prompt": prompt, "problem": None}
+            "refs": json.dumps([r for r in refs if isinstance(r, str)]), "prompt": prompt, "problem": None, "ext": ext}
 
 
 def _read_json(path: str, what: str, s3: Optional[storage.S3Options]) -> Any:
@@ -64,9 +68,9 @@ def _image_files(uri: str, s3: Optional[storage.S3Options]) -> list[str]:
     except (FileNotFoundError, OSError) as err:
         raise EvalDataError(f"no images at {uri}: {err}") from None
     prefix = "s3://" if storage.is_s3(uri) else ""
-    found = sorted(prefix + f for f in files if f.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
+    found = sorted(prefix + f for f in files if f.lower().rsplit(".", 1)[-1] in MEDIA_EXTENSIONS)
     if not found:
-        raise EvalDataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) at {uri}")
+        raise EvalDataError(f"no image or video files ({', '.join(MEDIA_EXTENSIONS)}) at {uri}")
     return found
 
 
@@ -109,7 +113,7 @@ def caption_items(*, captions: Optional[str] = None, annotations: Optional[str] 
                 value = value.get("captions", value.get("caption", []))
             items.append(eval_item(name, storage.join(images, name), value if isinstance(value, list) else [value], prompt))
     elif images:
-        is_file = storage.is_s3(images) and images.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
+        is_file = storage.is_s3(images) and images.lower().rsplit(".", 1)[-1] in MEDIA_EXTENSIONS
         if not storage.is_s3(images) and not Path(images).exists():
             raise EvalDataError(f"no such image or folder: {images}")
         files = [images] if is_file or Path(images).is_file() else _image_files(images, s3)
@@ -192,14 +196,16 @@ def shard_dataset(uri: str, *, prompt: str = "", fmt: str = "auto", image_column
         rows = batch.to_pylist()
         return pa.Table.from_pylist([{"id": r["key"], "source": r["shard"], "path": None, "image": r["image"],
                                       "refs": json.dumps(r["captions"] or []), "prompt": prompt,
-                                      "problem": r["problem"]} for r in rows], schema=ITEM_SCHEMA)
+                                      "problem": r["problem"], "ext": r["ext"]} for r in rows], schema=ITEM_SCHEMA)
 
     return raw.map_batches(to_items, batch_format="pyarrow")
 
 
 def preprocess_eval_batch(batch: pa.Table, *, image_size: int, counter=None,
-                          s3: Optional[storage.S3Options] = None) -> dict[str, np.ndarray]:
-    """Read (when only a path is known), decode and resize; unreadable images are counted and dropped."""
+                          s3: Optional[storage.S3Options] = None, num_frames: Optional[int] = None) -> dict[str, np.ndarray]:
+    """Read (when only a path is known), decode and resize; unreadable images are counted and dropped.
+    With `num_frames` (a video model): clips give `num_frames` frames from the segment centres, images
+    are one-frame clips; `pixels` is then (T, S, S, 3) per row and the thumbnail is the middle frame."""
     rows = batch.to_pylist()
     counts: Counter = Counter(rows_read=len(rows))
     examples: list[dict[str, str]] = []
@@ -217,7 +223,18 @@ def preprocess_eval_batch(batch: pa.Table, *, image_size: int, counter=None,
                     else f"unreadable_file ({err})"
         if problem is None and not data:
             problem = "no_image"
-        if problem is None:
+        ext = row.get("ext") or ""
+        if problem is None and num_frames:
+            try:
+                clip, converted = clip_pixels(data, ext, num_frames=num_frames, size=image_size, train=False)
+                img = Image.fromarray(clip[num_frames // 2])
+            except VideoDecodeError as err:
+                problem = f"{err.reason} ({err})"
+            except Exception as err:  # PIL raises many types for corrupt data
+                problem = f"corrupt_image ({type(err).__name__}: {err})"
+        elif problem is None and is_video(ext):
+            problem = f"video_for_image_model (a .{ext} clip; this checkpoint was trained on images)"
+        elif problem is None:
             try:
                 img, converted = decode_image(data, draft_size=2 * image_size)
             except Exception as err:  # PIL raises many types for corrupt data
@@ -230,8 +247,7 @@ def preprocess_eval_batch(batch: pa.Table, *, image_size: int, counter=None,
             continue
         if converted is not None:
             counts[f"converted_{converted.lower().replace(';', '_')}"] += 1
-        arr = transform_image(img, image_size, train=False)
-        pixels.append(arr)
+        pixels.append(clip if num_frames else transform_image(img, image_size, train=False))
         thumbs.append(transform_image(img, THUMB_SIZE, train=False))
         kept.append(row)
     counts["rows_kept"] = len(kept)
@@ -243,8 +259,8 @@ def preprocess_eval_batch(batch: pa.Table, *, image_size: int, counter=None,
 
 
 def eval_dataset(source: ray.data.Dataset, *, image_size: int, counter=None,
-                 s3: Optional[storage.S3Options] = None) -> ray.data.Dataset:
+                 s3: Optional[storage.S3Options] = None, num_frames: Optional[int] = None) -> ray.data.Dataset:
     # Fractional CPUs keep this CPU stage from fusing into the model's actor pool: decoding then runs in
     # parallel tasks while the actors generate.
     return source.map_batches(preprocess_eval_batch, batch_size=32, batch_format="pyarrow", num_cpus=0.5,
-                              fn_kwargs=dict(image_size=image_size, counter=counter, s3=s3))
+                              fn_kwargs=dict(image_size=image_size, counter=counter, s3=s3, num_frames=num_frames))

@@ -73,11 +73,12 @@ class InferenceSettings:
 
 def run_generation(source: ray.data.Dataset, *, checkpoint: str, image_size: int, options: GenerationOptions,
                    settings: InferenceSettings = InferenceSettings(),
-                   s3: Optional[storage.S3Options] = None) -> InferenceResult:
-    """Generate a text for every readable image of `source` (eval rows from `app.evaluation.data`)."""
+                   s3: Optional[storage.S3Options] = None, num_frames: Optional[int] = None) -> InferenceResult:
+    """Generate a text for every readable image (or clip, with `num_frames`) of `source` (eval rows from
+    `app.evaluation.data`)."""
     counter = create_counter()
     start = time.perf_counter()
-    pixels = eval_dataset(source, image_size=image_size, counter=counter, s3=s3)
+    pixels = eval_dataset(source, image_size=image_size, counter=counter, s3=s3, num_frames=num_frames)
     generated = pixels.map_batches(
         Generate, batch_size=settings.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=settings.num_actors),

@@ -154,7 +154,8 @@ def evaluate_captions(run: EvalRun, source: EvalSource, options: GenerationOptio
     checkpoint = found["uri"]
     cfg = checkpoint_config(checkpoint, run.s3)
     result = run_generation(_source_dataset(source, prompt, run.s3), checkpoint=checkpoint,
-                            image_size=checkpoint_image_size(checkpoint, run.s3, cfg), options=options, settings=run.settings,
+                            image_size=checkpoint_image_size(checkpoint, run.s3, cfg),
+                            num_frames=cfg.data.num_frames, options=options, settings=run.settings,
                             s3=run.s3)
     if not result.rows:
         raise eval_data.EvalDataError(f"no readable image in the evaluation set ({_skips(result)['skipped'][:3]})")
@@ -206,7 +207,8 @@ def evaluate_vqa(run: EvalRun, source: EvalSource, template: str = "Question: {}
                                        images=source.images, template=template, image_pattern=source.image_pattern,
                                        s3=run.s3, limit=source.limit)
     result = run_generation(eval_data.items_dataset(items), checkpoint=checkpoint,
-                            image_size=checkpoint_image_size(checkpoint, run.s3, cfg), options=options, settings=run.settings,
+                            image_size=checkpoint_image_size(checkpoint, run.s3, cfg),
+                            num_frames=cfg.data.num_frames, options=options, settings=run.settings,
                             s3=run.s3)
     predictions = {r["id"]: r["text"] for r in result.rows}
     metric = detect_metric(truth, metric)
@@ -261,7 +263,7 @@ def evaluate_retrieval_task(run: EvalRun, source: EvalSource, k: int = 128, max_
     cfg = checkpoint_config(checkpoint, run.s3)
     counter = create_counter()
     pixels = eval_data.eval_dataset(_source_dataset(source, "", run.s3), image_size=checkpoint_image_size(checkpoint, run.s3, cfg),
-                                    counter=counter, s3=run.s3)
+                                    num_frames=cfg.data.num_frames, counter=counter, s3=run.s3)
     rows = pixels.map_batches(ImageFeatures, batch_size=run.settings.batch_size, batch_format="numpy",
                               compute=ray.data.ActorPoolStrategy(size=run.settings.num_actors),
                               fn_constructor_kwargs=dict(checkpoint=checkpoint, s3=run.s3, use_gpu=run.settings.use_gpu),

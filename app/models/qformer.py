@@ -36,7 +36,8 @@ DEC_TOKEN = "[DEC]"
 
 class QFormer(nn.Module):
     def __init__(self, config: Blip2QFormerConfig, num_query_tokens: int, llm_dim: int, bos_token_id: int,
-                 contrastive_dim: int = 256, temp_init: float = 0.07):
+                 contrastive_dim: int = 256, temp_init: float = 0.07, num_frames: int = 0,
+                 frame_pooling: str = "concat"):
         super().__init__()
         if not config.use_qformer_text_input:
             raise ValueError("the Q-Former needs use_qformer_text_input=True (text FFN for ITC/ITM/ITG)")
@@ -56,13 +57,20 @@ class QFormer(nn.Module):
         self.lm_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.llm_proj = nn.Linear(hidden, llm_dim)
         self.temp = nn.Parameter(torch.tensor(float(temp_init)))
+        # Video: a learned position per frame, added to that frame's tokens before the cross-attention memory is
+        # built. Zero at the start, so a video Q-Former starts as the image one and learns frame order.
+        if frame_pooling not in ("concat", "mean"):
+            raise ValueError(f"frame_pooling must be 'concat' or 'mean', not {frame_pooling!r}")
+        self.num_frames, self.frame_pooling = num_frames, frame_pooling
+        if num_frames:
+            self.frame_position = nn.Parameter(torch.zeros(num_frames, 1, config.encoder_hidden_size))
 
     # ------------------------------------------------------------------ construction and saving
 
     @classmethod
     def from_bert(cls, name_or_path: str, *, num_query_tokens: int, encoder_hidden_size: int, llm_dim: int,
                   cross_attention_frequency: int = 2, contrastive_dim: int = 256, temp_init: float = 0.07,
-                  dropout: Optional[float] = None):
+                  dropout: Optional[float] = None, num_frames: int = 0, frame_pooling: str = "concat"):
         """A Q-Former initialised from a BERT checkpoint; returns (qformer, tokenizer with [DEC])."""
         from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
@@ -79,7 +87,8 @@ class QFormer(nn.Module):
             initializer_range=bert_config.initializer_range, layer_norm_eps=bert_config.layer_norm_eps,
             pad_token_id=bert_config.pad_token_id or 0, cross_attention_frequency=cross_attention_frequency,
             encoder_hidden_size=encoder_hidden_size, use_qformer_text_input=True)
-        model = cls(config, num_query_tokens, llm_dim, tokenizer.bos_token_id, contrastive_dim, temp_init)
+        model = cls(config, num_query_tokens, llm_dim, tokenizer.bos_token_id, contrastive_dim, temp_init,
+                    num_frames, frame_pooling)
         verbosity = transformers_logging.get_verbosity()
         transformers_logging.set_verbosity_error()  # a BERT saved without its MLM head is fine: the head starts fresh
         try:
@@ -131,7 +140,8 @@ class QFormer(nn.Module):
     @property
     def heads_config(self) -> dict:
         return {"num_query_tokens": self.num_query_tokens, "llm_dim": self.llm_dim,
-                "bos_token_id": self.bos_token_id, "contrastive_dim": self.text_proj.out_features}
+                "bos_token_id": self.bos_token_id, "contrastive_dim": self.text_proj.out_features,
+                "num_frames": self.num_frames, "frame_pooling": self.frame_pooling}
 
     def save_architecture(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -160,8 +170,32 @@ class QFormer(nn.Module):
 
     # ------------------------------------------------------------------ the three passes
 
+    def memory(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """The cross-attention memory (B, M, D_vision). Image tokens (B, N, D) pass as they are in an image
+        Q-Former; frame tokens (B, T, N, D) get the temporal position embedding and are concatenated
+        (M = T*N) or averaged over frames (M = N). An image is a one-frame clip: (B, N, D) in a video
+        Q-Former is frame 0 of 1; (B, 1, N, D) in an image Q-Former is the image."""
+        if image_embeds.dim() == 3:
+            if not self.num_frames:
+                return image_embeds
+            image_embeds = image_embeds.unsqueeze(1)
+        if image_embeds.dim() != 4:
+            raise ValueError(f"image tokens must be (B, N, D) or (B, T, N, D), got shape {tuple(image_embeds.shape)}")
+        frames = image_embeds.shape[1]
+        if not self.num_frames:
+            if frames != 1:
+                raise ValueError(f"this Q-Former was built for images (no temporal embedding) but got {frames} "
+                                 f"frames per sample; train it with data.num_frames set")
+            return image_embeds[:, 0]
+        if frames > self.num_frames:
+            raise ValueError(f"{frames} frames per sample, but this Q-Former's temporal embedding has "
+                             f"{self.num_frames} positions (data.num_frames at training)")
+        x = image_embeds + self.frame_position[:frames].to(image_embeds.dtype)
+        return x.flatten(1, 2) if self.frame_pooling == "concat" else x.mean(dim=1)
+
     def encode_image(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Query outputs (B, Q, H) for image tokens (B, N, D_vision)."""
+        """Query outputs (B, Q, H) for image tokens (B, N, D_vision) or frame tokens (B, T, N, D_vision)."""
+        image_embeds = self.memory(image_embeds)
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         return self.bert(query_embeds=queries, query_length=self.num_query_tokens,
                          encoder_hidden_states=image_embeds).last_hidden_state
@@ -173,6 +207,7 @@ class QFormer(nn.Module):
 
     def encode_joint(self, ids: torch.Tensor, mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         """Queries + text with cross-attention to the image; `mask` is 2-D (B, Q+L) or 4-D (B, 1, Q+L, Q+L)."""
+        image_embeds = self.memory(image_embeds)
         queries = self.query_tokens.expand(ids.shape[0], -1, -1)
         embeds = self.embeddings(input_ids=ids, query_embeds=queries)
         return self.bert(query_embeds=embeds, query_length=self.num_query_tokens, attention_mask=mask,

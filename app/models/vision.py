@@ -114,7 +114,8 @@ def normalisation(name_or_path: str) -> tuple[tuple[float, ...], tuple[float, ..
 
 
 class VisionEncoder(nn.Module):
-    """uint8 pixels (B, S, S, 3) -> image tokens (B, N, D). Frozen."""
+    """uint8 pixels (B, S, S, 3) -> image tokens (B, N, D); clips (B, T, S, S, 3) -> (B, T, N, D), every
+    frame through the same tower. Frozen."""
 
     def __init__(self, tower: nn.Module, mean, std, layernorm: Optional[nn.Module] = None):
         super().__init__()
@@ -152,6 +153,10 @@ class VisionEncoder(nn.Module):
         return next(self.tower.parameters()).dtype
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dim() == 5:  # clips: frames are images
+            batch, frames = pixels.shape[:2]
+            tokens = self.forward(pixels.flatten(0, 1))
+            return tokens.view(batch, frames, *tokens.shape[1:])  # (B, T, N, D)
         x = pixels.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
         x = ((x - self.mean) / self.std).to(self.dtype)
         return self.layernorm(self.tower(pixel_values=x).last_hidden_state)  # (B, N, D)
