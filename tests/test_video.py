@@ -8,9 +8,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ import pytest
 import torch
 
 from app.data.images import SCHEMA, CaptionSpec, iter_tar_samples, preprocess_image_batch
-from app.data.video import VideoDecodeError, clip_pixels, decode_frames, frame_indices, transform_frames
+from app.data.video import clip_pixels, decode_frames, frame_indices, transform_frames
 
 from conftest import ROOT, SHARED_DATA, make_shards_cli, photo, write_tar
 
@@ -264,3 +261,110 @@ def test_images_and_clips_go_through_the_same_qformer_and_losses(tiny_models, ti
         image_q.encode_image(torch.zeros(2, 3, 5, vision.width))
     with pytest.raises(ValueError, match="temporal embedding has 4 positions"):
         video_q.encode_image(torch.zeros(2, 6, 5, vision.width))
+
+
+# ---------------------------------------------------------------------------------------------
+# stages 0 -> 1 -> 2 -> evaluation on real clips
+
+
+VIDEO_CONFIGS = {name: ROOT / "configs" / "tiny" / f"video_{name}.yaml" for name in ("stage0", "stage1", "stage2")}
+
+
+@pytest.fixture(scope="module")
+def video_chain(ray_session, tiny_models, tiny_vision, s3_endpoint, shared_data, tmp_path_factory) -> dict:
+    """The tiny video configs with the session's tiny models: a P-Former on MSR-VTT caption text (T5-style
+    LLM), then stages 1 and 2 on the 18 real clips, written by jobs.make_shards to a moto S3 bucket."""
+    import boto3
+
+    from app.config import load_config
+    from app.train.launcher import run_stage
+
+    root = tmp_path_factory.mktemp("video")
+    bucket = "video-clips"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    done = make_shards_cli("--captions", MSRVTT / "captions.json", "--out", f"s3://{bucket}/msrvtt", "--per", "file",
+                           "--shard-size", "6", "--s3-endpoint", s3_endpoint, "--s3-region", "us-east-1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = f"s3://{bucket}/msrvtt"
+    mlflow_uri = f"sqlite:///{root / 'mlflow.db'}"
+    common = {"run.storage_path": str(root / "ckpt"), "mlflow.tracking_uri": mlflow_uri, "model.llm": tiny_models["t5"]}
+    s3 = {"storage.s3_endpoint": s3_endpoint, "storage.s3_region": "us-east-1"}
+
+    def run(name, **items):
+        return run_stage(load_config(VIDEO_CONFIGS[name], [f"{k}={v}" for k, v in {**common, **items}.items()]))
+
+    stage0 = run("stage0", **{"model.pformer": tiny_models["bert"], "data.text": shared_data / "text" / "msrvtt_captions.tsv",
+                              "train.max_steps": 150, "train.checkpoint_every_steps": 150})
+    # 18 clips, 6 per step: 40 steps are 13 passes; every clip keeps 20 captions, one drawn per pass.
+    frames = {"data.train": shards, "model.vision": tiny_vision["clip"], "train.max_steps": 40,
+              "train.log_every_steps": 10, "train.checkpoint_every_steps": 40, **s3}
+    stage1 = run("stage1", **frames, **{"model.qformer": tiny_models["bert"], "init_from.pformer": stage0["checkpoint"]})
+    stage2 = run("stage2", **frames, **{"init_from.qformer": stage1["checkpoint"]})
+    return {"stage0": stage0, "stage1": stage1, "stage2": stage2, "mlflow_uri": mlflow_uri, "shards": shards,
+            "s3_endpoint": s3_endpoint}
+
+
+def windows(uri, run_id, key) -> list[float]:
+    from mlflow.tracking import MlflowClient
+
+    return [m.value for m in sorted(MlflowClient(tracking_uri=uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_video_stages_learn_from_real_clips_on_s3(video_chain):
+    from mlflow.tracking import MlflowClient
+
+    from app.evaluation.model import TrainedBLIP2
+
+    uri = video_chain["mlflow_uri"]
+    s1, s2 = video_chain["stage1"], video_chain["stage2"]
+    for key in ("itc_loss", "itm_loss", "itg_loss", "align_loss"):
+        curve = windows(uri, s1["mlflow_run_id"], key)
+        assert len(curve) == 4 and curve[-1] < curve[0], (key, curve)
+    for key in ("lm_loss", "align_loss"):
+        curve = windows(uri, s2["mlflow_run_id"], key)
+        assert len(curve) == 4 and curve[-1] < curve[0], (key, curve)
+    run = MlflowClient(tracking_uri=uri).get_run(s1["mlflow_run_id"])
+    assert run.data.params["data.num_frames"] == "4" and run.data.params["model.frame_pooling"] == "concat"
+    assert s1["data"]["rows_kept"] >= 40 * 6 and not any(k.startswith("skipped") for k in s1["data"])
+    # The checkpoint is a CLIP-tower, T5, 4-frame model: a different base module, by config alone.
+    model = TrainedBLIP2.from_checkpoint(s2["checkpoint"], device="cpu")
+    assert type(model.vision.tower).__name__ == "CLIPVisionModel" and model.llm.is_encoder_decoder
+    assert model.qformer.num_frames == 4 and model.qformer.frame_position.abs().sum() > 0  # it learned frame order
+    assert model.manifest["num_frames"] == 4
+
+
+def test_video_captions_are_scored_and_logged(video_chain, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from jobs import caption, evaluate
+
+    s2 = video_chain["stage2"]
+    endpoint = ["--s3-endpoint", video_chain["s3_endpoint"], "--s3-region", "us-east-1"]
+    code = evaluate.main(["--task", "caption", "--checkpoint", s2["checkpoint"], "--data", video_chain["shards"],
+                          "--out", str(tmp_path / "out"), "--num-beams", "2", "--max-new-tokens", "10",
+                          "--min-new-tokens", "2", "--num-actors", "1", "--summary", str(tmp_path / "summary.json"),
+                          *endpoint])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    listing = json.loads((MSRVTT / "captions.json").read_text())
+    per_clip = json.loads((tmp_path / "out" / "per_image.json").read_text())
+    assert set(per_clip) == set(listing)  # one caption per clip, keyed by clip id
+    assert all(len(per_clip[k]["references"]) == len(listing[k]["captions"]) == 20 for k in listing)
+    metrics = summary["metrics"]
+    assert {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(metrics) and 0 < metrics["Bleu_1"] <= 1
+    run = MlflowClient(tracking_uri=video_chain["mlflow_uri"]).get_run(summary["mlflow_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == s2["mlflow_run_id"]
+    assert run.data.metrics["CIDEr"] == pytest.approx(metrics["CIDEr"])
+    # The caption command on one .mp4 (frames sampled as in evaluation), and on a photo as a one-frame clip.
+    for path in (CLIPS[0], None):
+        if path is None:
+            path = tmp_path / "photo.jpg"
+            path.write_bytes(photo(0))
+        code = caption.main(["--checkpoint", s2["checkpoint"], str(path), "--num-beams", "1", "--min-new-tokens", "2"])
+        out = capsys.readouterr()
+        assert code == 0 and out.out.strip(), out.err[-2000:]
+    bad = tmp_path / "sound.mp4"
+    bad.write_bytes(audio_only_mp4())
+    assert caption.main(["--checkpoint", s2["checkpoint"], str(bad)]) == 2
+    assert "no_video_stream" in capsys.readouterr().err

@@ -117,3 +117,48 @@ def prepare_demo_assets(root: str | Path = DEFAULT_ROOT, num_lines: int = 50_000
     print(f"[demo] reusing the assets prepared earlier in {shown}" if before and before == after else
           f"[demo] assets ready in {shown}", flush=True)
     return {"text": str(text_path), **models, **images}
+
+
+VIDEO_DATA = Path("..") / "shared" / "data"
+
+
+def prepare_video_assets(root: str | Path = DEFAULT_ROOT, clips: str | Path = VIDEO_DATA / "msrvtt" / "captions.json",
+                         text: str | Path = VIDEO_DATA / "text" / "msrvtt_captions.tsv", seed: int = 0) -> dict[str, str]:
+    """What the tiny video configs read, under `<root>/video`: `shards/` (the clips of the `clips` listing,
+    one sample per clip with all its captions), `models/bert` and `models/t5` (tokenizers trained on the
+    caption column of `text`; the T5 briefly pre-trained on it) and `models/clip` (a random tiny
+    CLIPVisionModel, 64 px, patch 8). Cached: a second call with the same inputs returns at once."""
+    import csv
+
+    root = Path(root) / "video"
+    clips, text = Path(clips), Path(text)
+    for path, what in ((clips, "clip listing (captions.json)"), (text, "caption text (.tsv)")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} not found: {path}")
+    with text.open(encoding="utf-8", newline="") as f:
+        lines = [row["caption"] for row in csv.DictReader(f, delimiter="\t") if (row.get("caption") or "").strip()]
+    if not lines:
+        raise ValueError(f"{text} has no 'caption' column with text")
+    paths = prepare_tiny_models(root / "models", lines, seed=seed, llms=("t5",))
+    paths["clip"] = str(root / "models" / "clip")
+    paths["shards"] = str(root / "shards")
+    settings = {"clips": str(clips.resolve()), "size": clips.stat().st_size, "seed": seed, "version": 1}
+    ready = root / "shards" / READY
+    if not (ready.exists() and json.loads(ready.read_text()) == settings and (Path(paths["clip"]) / "config.json").exists()):
+        import ray
+
+        from app.data.shards import listed_keys, load_captions_json, make_shards
+
+        print(f"[demo] writing the clips of {clips} as WebDataset shards", flush=True)
+        started = not ray.is_initialized()
+        if started:
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        try:
+            make_shards(str(clips.parent), load_captions_json(clips), paths["shards"], shard_size=6, per="file",
+                        keys=listed_keys(clips))
+        finally:
+            if started:
+                ray.shutdown()
+        build_tiny_vision(paths["clip"], kind="clip", image_size=64, patch_size=8, hidden=64, seed=seed)
+        ready.write_text(json.dumps(settings))
+    return paths
