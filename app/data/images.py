@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 SHARD_EXTENSIONS = {".tar": "webdataset", ".parquet": "parquet"}
 CHUNK_ROWS = 256
+VIDEO_CHUNK_ROWS = 8  # clips per block: ~10 MB of frames at 8 x 224 px
 SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("image", pa.binary()),
                     ("captions", pa.list_(pa.string())), ("problem", pa.string()), ("ext", pa.string())])
 
@@ -145,13 +146,14 @@ def _table(rows: list[dict]) -> pa.Table:
 class WebDatasetSource(FileBasedDatasource):
     """Streams WebDataset tar shards as raw sample rows (bytes undecoded), CHUNK_ROWS per block."""
 
-    def __init__(self, paths, *, caption_field: str, uri_prefix: str, **kwargs):
+    def __init__(self, paths, *, caption_field: str, uri_prefix: str, chunk_rows: int = CHUNK_ROWS, **kwargs):
         super().__init__(paths, **kwargs)
         self._caption_field = caption_field
         self._uri_prefix = uri_prefix
+        self._chunk_rows = chunk_rows
 
     def _read_stream(self, f: "pa.NativeFile", path: str) -> Iterator[pa.Table]:
-        yield from in_blocks(iter_tar_samples(f, self._uri_prefix + path, self._caption_field), CHUNK_ROWS, _table)
+        yield from in_blocks(iter_tar_samples(f, self._uri_prefix + path, self._caption_field), self._chunk_rows, _table)
 
 
 def _image_bytes(value) -> Optional[bytes]:
@@ -177,8 +179,10 @@ def _parquet_to_rows(batch: pa.Table, image_column: str, caption_column: str, ur
 
 
 def read_image_text(uri: str, *, fmt: str = "auto", image_column: str = "image", caption_column: str = "caption",
-                    s3: storage.S3Options | None = None, shuffle_files: bool = True) -> ray.data.Dataset:
-    """Raw rows `{key, shard, image, captions, problem}` of every shard under `uri`."""
+                    s3: storage.S3Options | None = None, shuffle_files: bool = True,
+                    chunk_rows: int = CHUNK_ROWS) -> ray.data.Dataset:
+    """Raw rows `{key, shard, image, captions, problem, ext}` of every shard under `uri`; WebDataset shards
+    come in blocks of `chunk_rows` samples."""
     import pyarrow.parquet as pq
 
     fs, by_format = shard_files(uri, fmt, s3)
@@ -201,7 +205,8 @@ def read_image_text(uri: str, *, fmt: str = "auto", image_column: str = "image",
             # One read task per shard, streaming its samples: Ray Data then fuses the read with the decode step
             # (a read split into more blocks than files cannot fuse), so every CPU slot does decode work.
             parts.append(ray.data.read_datasource(WebDatasetSource(
-                paths, caption_field=caption_column, uri_prefix=prefix, filesystem=fs, shuffle=shuffle),
+                paths, caption_field=caption_column, uri_prefix=prefix, chunk_rows=chunk_rows, filesystem=fs,
+                shuffle=shuffle),
                 override_num_blocks=len(paths)))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
@@ -348,11 +353,13 @@ def _log_skip(shard: str, key: str, reason: str) -> None:
 def preprocess_image_batch(batch: pa.Table, *, image_size: int, train: bool, captions: CaptionSpec,
                            min_crop_scale: float = 0.5, horizontal_flip: bool = True, seed: int = 0, counter=None, count_prefix: str = "",
                            s3: Optional[storage.S3Options] = None, keep_text: bool = False,
-                           num_frames: Optional[int] = None) -> dict[str, np.ndarray]:
+                           num_frames: Optional[int] = None, cached: Optional[dict] = None) -> dict[str, np.ndarray]:
     """Raw sample rows -> `pixels` uint8 (N, S, S, 3), or (N, T, S, S, 3) with `num_frames` T (video: clips
     are sampled as in `app.data.video`, images repeated), + caption tokens. Bad samples are counted, not raised.
 
     keep_text: also return `key`, `shard` and the chosen `caption` (evaluation, inspection).
+    cached: rows of a prompt cache (`app.cache`, kind prompts): {column, dtype, shape} of the P-Former outputs
+    kept per caption; the chosen caption's output leaves as `pformer_sentence` / `pformer_prompts`.
     """
     from app.data import video
 
@@ -362,7 +369,7 @@ def preprocess_image_batch(batch: pa.Table, *, image_size: int, train: bool, cap
     # Training draws fresh randomness (crops, flips, caption choice) every pass; eval is deterministic.
     rng = (np.random.default_rng() if train else
            np.random.default_rng([seed, zlib.crc32("".join(r["key"] or "" for r in rows).encode())]))
-    kept_pixels, kept_texts, kept_rows = [], [], []
+    kept_pixels, kept_texts, kept_rows, kept_vectors = [], [], [], []
 
     def skip(row: dict, reason: str, detail: str = "") -> None:
         counts[f"skipped_{reason}"] += 1
@@ -370,15 +377,15 @@ def preprocess_image_batch(batch: pa.Table, *, image_size: int, train: bool, cap
         _log_skip(row["shard"], row["key"] or "?", count_prefix + reason + detail)
 
     for row in rows:
-        if row["problem"] is not None:
+        if row.get("problem") is not None:
             skip(row, row["problem"])
             continue
         listed = row["captions"] or []
         if not listed:
             skip(row, "no_caption")
             continue
-        chosen = listed[int(rng.integers(len(listed)))] if train and len(listed) > 1 else listed[0]
-        text = clean_text(chosen, captions.max_chars)
+        choice = int(rng.integers(len(listed))) if train and len(listed) > 1 else 0
+        text = clean_text(listed[choice], captions.max_chars)
         if not text:
             skip(row, "empty_caption")
             continue
@@ -412,6 +419,8 @@ def preprocess_image_batch(batch: pa.Table, *, image_size: int, train: bool, cap
         kept_pixels.append(pixels)
         kept_texts.append(text)
         kept_rows.append(row)
+        if cached:
+            kept_vectors.append(row[cached["column"]][choice])
     counts["rows_kept"] = len(kept_texts)
     if count_prefix:
         counts = Counter({count_prefix + k: v for k, v in counts.items()})
@@ -420,6 +429,12 @@ def preprocess_image_batch(batch: pa.Table, *, image_size: int, train: bool, cap
     if not kept_texts:
         return {}  # an empty batch (Ray Data drops it)
     out = {"pixels": np.stack(kept_pixels)}
+    if cached:
+        from app.cache import bytes_array
+
+        name = "pformer_sentence" if cached["column"] == "sentences" else "pformer_prompts"
+        key = f"{name}_bf16" if cached["dtype"] == "bfloat16" else name
+        out[key] = bytes_array(kept_vectors, cached["dtype"], tuple(cached["shape"]))
     out.update(tokenize_captions(kept_texts, captions, rng, s3))
     if keep_text:
         out["key"] = np.array([r["key"] for r in kept_rows])
@@ -432,11 +447,16 @@ def image_text_dataset(uri: str, cfg, *, train: bool, image_size: int, captions:
                        count_prefix: str = "", s3: Optional[storage.S3Options] = None,
                        keep_text: bool = False) -> ray.data.Dataset:
     """Shards at `uri` -> decoded, transformed, tokenized samples (see `preprocess_image_batch`)."""
+    video = bool(cfg.data.num_frames)
     raw = read_image_text(uri, fmt=cfg.data.image_format, image_column=cfg.data.image_column,
-                          caption_column=cfg.data.caption_column, s3=s3, shuffle_files=train)
+                          caption_column=cfg.data.caption_column, s3=s3, shuffle_files=train,
+                          chunk_rows=VIDEO_CHUNK_ROWS if video else CHUNK_ROWS)
+    # Clips: one batch per read block (VIDEO_CHUNK_ROWS clips). A map_batches with a batch size is never
+    # fused with the read before it (Ray's fusion rule for ops that may change the row count); without
+    # one, each shard's read and decoding run in one task, and every CPU slot decodes.
     return raw.map_batches(
         preprocess_image_batch,
-        batch_size=16 if cfg.data.num_frames else 64,  # a clip decodes ~10x slower than a photo
+        batch_size=None if video else 64,
         batch_format="pyarrow",
         fn_kwargs=dict(image_size=image_size, train=train, captions=captions, min_crop_scale=cfg.data.min_crop_scale,
                        horizontal_flip=cfg.data.horizontal_flip,
