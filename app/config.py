@@ -95,6 +95,9 @@ class DataSection(_Section):
     # image-text shards (stages 1 and 2)
     train: Optional[str] = Field(None, description="Image-text shards (WebDataset .tar or Parquet): folder, glob, or s3:// prefix.")
     val: Optional[str] = Field(None, description="Validation shards; their losses are logged at every checkpoint.")
+    train_features: Optional[str] = Field(
+        None, description="Stages 1-2: a frozen-feature cache written by jobs.cache_features (folder or s3:// prefix), "
+                          "read in place of data.train; refused when its manifest does not match this run's models.")
     image_format: Literal["auto", "webdataset", "parquet"] = "auto"
     image_column: str = Field("image", min_length=1, description="Parquet column with the encoded image bytes.")
     caption_column: str = Field("caption", min_length=1, description="Parquet column / WebDataset .json field with the caption.")
@@ -160,6 +163,23 @@ class InitFromSection(_Section):
         None, description="Stage-1 checkpoint (or its run folder) that initialises stage 2's Q-Former and llm_proj.")
 
 
+class CacheSection(_Section):
+    """jobs.cache_features: what to precompute from data.train with the run's frozen models."""
+
+    out: Optional[str] = Field(None, description="Where the cache is written: folder or s3:// prefix (required).")
+    kind: Literal["features", "prompts"] = Field(
+        "features", description="features: frozen image features + P-Former vectors (eval transforms: no augmentation); "
+                                "prompts: the media bytes + P-Former vectors (images still decoded and augmented).")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Stored dtype of the tensors.")
+    store: Literal["sentence", "prompts"] = Field(
+        "sentence", description="P-Former output stored: its [CLS] sentence vector (the frozen heads make the prompts "
+                                "in the training step) or the Q x D_llm prompts themselves (Q x D_llm / H times larger).")
+    batch_size: int = Field(64, gt=0, description="Samples per forward pass of the frozen encoders.")
+    num_actors: Optional[int] = Field(
+        None, gt=0, description="Encoder replicas (Ray actors); default one per GPU, else one per 4 CPUs (at most 4).")
+    rows_per_block: int = Field(64, gt=0, description="Samples per Ray Data block and per Parquet part file.")
+
+
 class Config(_Section):
     stage: Literal["pformer", "qformer", "llm"] = "pformer"
     run: RunSection = RunSection()
@@ -171,6 +191,7 @@ class Config(_Section):
     model: ModelSection = ModelSection()
     loss: LossSection = LossSection()
     init_from: InitFromSection = InitFromSection()
+    cache: CacheSection = CacheSection()
 
     def flat(self) -> dict[str, Any]:
         """The resolved config as `{dotted.key: value}` (MLflow params, summaries)."""

@@ -188,8 +188,9 @@ class ImageTextStage:
     limit_skipped = True  # data.max_skipped_fraction applies
 
     def _check_data(self, cfg: Config, s3: storage.S3Options) -> None:
-        if not cfg.data.train:
-            raise ConfigError(f"data.train: image-text shards are required for stage '{self.name}'")
+        if not cfg.data.train and not cfg.data.train_features:
+            raise ConfigError(f"data.train: image-text shards (or data.train_features, a feature cache) are required "
+                              f"for stage '{self.name}'")
         for key in ("train", "val"):
             uri = getattr(cfg.data, key)
             if uri:
@@ -225,10 +226,30 @@ class ImageTextStage:
 
         return cfg.data.image_size or int(vision_config(storage.local_model(cfg.model.vision, s3)).image_size)
 
+    def _check_cache(self, cfg: Config, s3: storage.S3Options) -> None:
+        """data.train_features must be a finished cache made with this run's frozen models (after the P-Former
+        is resolved): CacheError naming the mismatch otherwise."""
+        if cfg.data.train_features:
+            from app.cache import check_cache
+
+            check_cache(cfg, s3)
+
     def datasets(self, cfg: Config, counter, s3: storage.S3Options) -> dict[str, Any]:
         size, spec = self.image_size(cfg, s3), self.caption_spec(cfg, s3)
-        out = {"train": image_data.image_text_dataset(cfg.data.train, cfg, train=True, image_size=size, captions=spec,
-                                                      counter=counter, s3=s3)}
+        if cfg.data.train_features:
+            from dataclasses import replace
+
+            from app.cache import read_manifest
+            from app.data.features import cached_dataset, pformer_column
+
+            manifest = read_manifest(cfg.data.train_features, s3)
+            cached_spec = replace(spec, pformer=None) if pformer_column(manifest) else spec
+            train = cached_dataset(cfg.data.train_features, cfg, manifest, train=True, image_size=size,
+                                   captions=cached_spec, counter=counter, s3=s3)
+        else:
+            train = image_data.image_text_dataset(cfg.data.train, cfg, train=True, image_size=size, captions=spec,
+                                                  counter=counter, s3=s3)
+        out = {"train": train}
         if cfg.data.val:
             rows = cfg.data.val_max_batches * cfg.train.batch_size_per_worker * cfg.scaling.num_workers
             out["val"] = image_data.image_text_dataset(cfg.data.val, cfg, train=False, image_size=size, captions=spec,
@@ -265,6 +286,7 @@ class QFormerStage(ImageTextStage):
         llm_dim = llm_embed_dim(storage.local_model(cfg.model.llm, s3))
         cfg.init_from.pformer = self._check_pformer(cfg, cfg.init_from.pformer, llm_dim, s3)
         cfg.loss.align_weight = cfg.loss.align_weight_for(self.name)
+        self._check_cache(cfg, s3)
         if cfg.loss.itm_weight > 0 and cfg.train.batch_size_per_worker * cfg.scaling.num_workers < 2:
             raise ConfigError("train.batch_size_per_worker: ITM draws negatives from the global batch, which needs "
                               "at least 2 samples")
@@ -299,7 +321,8 @@ class QFormerStage(ImageTextStage):
         return {"stage": self.name, "frozen": {"vision": cfg.model.vision, "pformer": cfg.init_from.pformer,
                                                "llm": cfg.model.llm},
                 "qformer_init": cfg.model.qformer, "num_query_tokens": cfg.model.num_query_tokens,
-                "num_frames": cfg.data.num_frames, "align_weight": cfg.loss.align_weight_for(self.name)}
+                "num_frames": cfg.data.num_frames, "train_features": cfg.data.train_features,
+                "align_weight": cfg.loss.align_weight_for(self.name)}
 
 
 class LLMStage(ImageTextStage):
@@ -339,6 +362,7 @@ class LLMStage(ImageTextStage):
         # The P-Former: as configured, else the one stage 1 was aligned to (recorded in its manifest).
         cfg.init_from.pformer = self._check_pformer(cfg, cfg.init_from.pformer or frozen.get("pformer"), llm_dim, s3)
         cfg.loss.align_weight = cfg.loss.align_weight_for(self.name)
+        self._check_cache(cfg, s3)
         return cfg
 
     def caption_spec(self, cfg: Config, s3) -> image_data.CaptionSpec:
@@ -373,7 +397,8 @@ class LLMStage(ImageTextStage):
         return {"stage": self.name, "frozen": {"vision": cfg.model.vision, "pformer": cfg.init_from.pformer,
                                                "llm": cfg.model.llm},
                 "init_from": {"qformer": cfg.init_from.qformer}, "num_query_tokens": cfg.model.num_query_tokens,
-                "num_frames": cfg.data.num_frames, "align_weight": cfg.loss.align_weight_for(self.name), "prompt": cfg.model.prompt}
+                "num_frames": cfg.data.num_frames, "train_features": cfg.data.train_features,
+                "align_weight": cfg.loss.align_weight_for(self.name), "prompt": cfg.model.prompt}
 
 
 STAGE_NUMBER = {"pformer": 0, "qformer": 1, "llm": 2}

@@ -99,11 +99,37 @@ def stage1_losses(q: QFormer, image_embeds: torch.Tensor, *, text_ids: torch.Ten
     return losses
 
 
+def _cached(batch: dict[str, torch.Tensor], name: str) -> Optional[torch.Tensor]:
+    """A cached tensor of the batch (`app.data.features`): `name`, or `name_bf16` (int16 bits of bfloat16)."""
+    if name in batch:
+        return batch[name]
+    if f"{name}_bf16" in batch:
+        return batch[f"{name}_bf16"].view(torch.bfloat16)
+    return None
+
+
+@torch.no_grad()
+def frozen_image_embeds(vision: VisionEncoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The frozen image encoder's tokens: from the feature cache when the batch carries them, else computed."""
+    cached = _cached(batch, "image_embeds")
+    if cached is not None:
+        return cached.to(vision.dtype)
+    return vision(batch["pixels"])
+
+
 @torch.no_grad()
 def pformer_prompts(pformer: Optional[PFormer], batch: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
-    """The frozen P-Former's prompts for the batch captions (no masking, no dropout, no gradient)."""
+    """The frozen P-Former's prompts for the batch captions (no masking, no dropout, no gradient): from the
+    cache (its sentence vectors through the frozen heads, or its prompts) when the batch carries them."""
     if pformer is None:
         return None
+    dtype = pformer.llm_proj.weight.dtype
+    sentence = _cached(batch, "pformer_sentence")
+    if sentence is not None:
+        return pformer.prompts_from_sentence(sentence.to(dtype))
+    prompts = _cached(batch, "pformer_prompts")
+    if prompts is not None:
+        return prompts.to(dtype)
     return pformer(batch["pformer_ids"], batch["pformer_mask"]).prompts
 
 
@@ -132,8 +158,7 @@ class QFormerPretrain(Composite):
             qformer.lm_bias.requires_grad_(False)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            image_embeds = self.vision(batch["pixels"])
+        image_embeds = frozen_image_embeds(self.vision, batch)
         target = pformer_prompts(self.pformer, batch) if self.weights.align > 0 else None
         return self.qformer(image_embeds, objective="stage1", text_ids=batch["qformer_ids"],
                             text_mask=batch["qformer_mask"], weights=self.weights, align_target=target)
@@ -157,8 +182,7 @@ class LLMPretrain(Composite):
         qformer.freeze_text_side()
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            image_embeds = self.vision(batch["pixels"])
+        image_embeds = frozen_image_embeds(self.vision, batch)
         prompts = self.qformer(image_embeds)  # (B, Q, D_llm)
         losses = {"lm_loss": self.llm.caption_loss(prompts, batch, ignore_prefix=self.prompt_length)}
         target = pformer_prompts(self.pformer, batch) if self.weights.align > 0 else None

@@ -64,7 +64,7 @@ def resolve_paths(cfg: Config) -> Config:
     if not storage.is_s3(cfg.run.storage_path):
         cfg.run.storage_path = storage.resolve(cfg.run.storage_path)[1]
     cfg.mlflow.tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
-    for section, keys in ((cfg.data, ("text", "train", "val")), (cfg.init_from, ("pformer", "qformer"))):
+    for section, keys in ((cfg.data, ("text", "train", "val", "train_features")), (cfg.init_from, ("pformer", "qformer"))):
         for key in keys:
             value = getattr(section, key)
             if value and not storage.is_s3(value):

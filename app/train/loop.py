@@ -93,8 +93,9 @@ def _seed_everything(seed: int) -> None:
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: (v.long() if v.dtype in (torch.int8, torch.int16, torch.int32) else v).to(device, non_blocking=True)
-            for k, v in batch.items()}
+    """Token ids and masks as int64; `*_bf16` tensors (bfloat16 bits in int16, from a feature cache) as they are."""
+    return {k: (v.long() if v.dtype in (torch.int8, torch.int16, torch.int32) and not k.endswith("_bf16") else v)
+            .to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
