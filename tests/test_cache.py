@@ -241,3 +241,26 @@ def test_stage1_trains_from_a_cache_on_s3(ray_session, stage0, flickr_shards, ti
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["data.train_features"] == uri
     assert summary["data"]["rows_kept"] >= 60 * 16
+
+
+def test_stage1_trains_from_a_prompt_cache(ray_session, stage0, flickr_shards, tiny_models, tiny_vision, tmp_path,
+                                           capsys):
+    """kind=prompts: the images are still decoded and augmented in training; only the P-Former's outputs come
+    from the cache (no P-Former forward)."""
+    from app.train.launcher import run_stage
+
+    out = tmp_path / "prompts"
+    code, printed = run_job(job_args(tmp_path, tiny_models, tiny_vision, stage0, out=str(out), train=str(flickr_shards),
+                                     extra=["cache.kind=prompts", "cache.dtype=float16"]), capsys)
+    assert code == 0 and "finished: 240 rows" in printed, printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["identity"]["kind"] == "prompts" and "vision" not in manifest["identity"]
+    assert "image" in pq.read_table(out / manifest["parts"][0]).column_names
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(STAGE1, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
+        "data.train": "null", "data.train_features": str(out), "init_from.pformer": stage0["opt"]["checkpoint"],
+        "train.max_steps": 20, "train.log_every_steps": 10, "train.checkpoint_every_steps": 20,
+        "run.name": "from-prompts"}))
+    summary = run_stage(cfg)
+    assert summary["step"] == 20 and summary["data"]["rows_kept"] >= 20 * 16
+    assert summary["metrics"]["align_loss"] > 0

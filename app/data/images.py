@@ -202,8 +202,10 @@ def read_image_text(uri: str, *, fmt: str = "auto", image_column: str = "image",
             parts.append(ds.map_batches(_parquet_to_rows, batch_format="pyarrow", fn_kwargs=dict(
                 image_column=image_column, caption_column=caption_column, uri_prefix=prefix)))
         else:
-            # One read task per shard, streaming its samples: Ray Data then fuses the read with the decode step
-            # (a read split into more blocks than files cannot fuse), so every CPU slot does decode work.
+            # One read task per shard, streaming its samples (a read split into more blocks than files adds
+            # a SplitBlocks step that holds a CPU slot of its own). A map_batches with a batch size is not
+            # fused with the read (Ray's rule for reads, which may change the row count); video runs use
+            # none, so their read and decode share one task (see image_text_dataset).
             parts.append(ray.data.read_datasource(WebDatasetSource(
                 paths, caption_field=caption_column, uri_prefix=prefix, chunk_rows=chunk_rows, filesystem=fs,
                 shuffle=shuffle),
