@@ -40,6 +40,9 @@ def main(argv=None) -> int:
         if not cfg.cache.out:
             raise ConfigError("cache.out: where to write the cache is required (a folder or s3:// prefix)")
         s3 = storage.S3Options(cfg.storage.s3_endpoint, cfg.storage.s3_region)
+        cfg.data.train_features = None  # the training config may already name the cache this job writes
+        if not cfg.data.train:
+            raise ConfigError("data.train: the shards to cache are required")
         cfg = stage_for(cfg).validate(resolve_paths(cfg), s3)  # resolves the P-Former, checks the shards
         if not storage.is_s3(cfg.cache.out):
             cfg.cache.out = storage.resolve(cfg.cache.out)[1]
