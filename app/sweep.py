@@ -337,7 +337,7 @@ def run_sweep(dims: list[Dimension], settings: SweepSettings, *, config_path: Op
         )
         results = tuner.fit()
         rows = sweep_rows(results, dims, None if pipeline else base.train.max_steps)
-        close_stopped_runs(client, parent)
+        close_stopped_runs(client, parent, {r["trial_id"] for r in rows if r["status"] == "STOPPED"})
         best = pick_best(rows, metric, mode)
         summary = {"name": name, "parent_run_id": parent, "tracking_uri": uri, "metric": metric, "mode": mode,
                    "trials": rows, "best": best, "wall_s": round(time.time() - started, 1),
@@ -363,7 +363,9 @@ def run_sweep(dims: list[Dimension], settings: SweepSettings, *, config_path: Op
 
 
 def sweep_rows(results, dims: list[Dimension], max_steps: Optional[int]) -> list[dict[str, Any]]:
-    """One row per trial; a trial that ended before max_steps was stopped early by the scheduler."""
+    """One row per trial. DONE: the trial function finished and made its final report (it carries the run
+    name); STOPPED: the scheduler stopped it after one of the training loop's reports, possibly the one at
+    the last step (ASHA's top rung can fall on max_steps), before its stage could finish."""
     rows = []
     for result in results:
         cfg = result.config or {}
@@ -373,8 +375,7 @@ def sweep_rows(results, dims: list[Dimension], max_steps: Optional[int]) -> list
         rows.append({"trial_id": info.get("trial_id") or Path(str(result.path)).name,
                      "params": {d.key: cfg.get(d.key) for d in dims},
                      "status": "ERROR" if result.error else (
-                         "STOPPED" if max_steps and isinstance(info.get("step"), int) and info["step"] < max_steps
-                         else "DONE"),
+                         "STOPPED" if max_steps and not info.get("run_name") else "DONE"),
                      "metrics": metrics, "checkpoint": info.get("checkpoint") or info.get("checkpoint_path"),
                      "mlflow_run_id": info.get("mlflow_run_id"), "run_name": info.get("run_name"),
                      "steps": info.get("step"),
@@ -382,12 +383,14 @@ def sweep_rows(results, dims: list[Dimension], max_steps: Optional[int]) -> list
     return sorted(rows, key=lambda r: r["trial_id"])
 
 
-def close_stopped_runs(client, parent: str) -> None:
-    """A trial the scheduler stopped was killed mid-run, before its stage could end its MLflow run: mark
-    those children KILLED (they keep the metrics logged until then)."""
+def close_stopped_runs(client, parent: str, stopped: set[str]) -> None:
+    """A trial the scheduler stopped was cut off mid-run: its stage either never ended its MLflow run
+    (RUNNING) or ended it as FAILED on the interruption. Mark those children KILLED (they keep the metrics
+    logged until then); runs of trials that really failed stay FAILED."""
     experiment = client.get_run(parent).info.experiment_id
     for run in client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
-        if run.info.status == "RUNNING":
+        cut_off = run.data.tags.get("trial_id") in stopped and run.info.status != "FINISHED"
+        if run.info.status == "RUNNING" or cut_off:
             client.set_terminated(run.info.run_id, "KILLED")
 
 

@@ -142,10 +142,11 @@ def test_align_weight_sweep_on_ray_with_asha_logs_a_parent_and_a_child_per_trial
     trials = summary["trials"]
     assert len(trials) == 3 and {t["params"]["loss.align_weight"] for t in trials} == {0, 10, 100}
     assert all(t["status"] in ("DONE", "STOPPED") for t in trials)
-    # ASHA may stop weak trials after the grace period (2 of 8 steps); the best is chosen among finished ones.
+    # ASHA may stop weak trials at its rungs (steps 2, 4 and 8: the top rung can be the last step, before the
+    # trial's run has ended); the best is chosen among trials that finished.
     finished = [t for t in trials if t["status"] == "DONE"]
     assert finished and all(t["steps"] == 8 for t in finished)
-    assert all(t["steps"] < 8 and t["steps"] >= 2 for t in trials if t["status"] == "STOPPED")
+    assert all(2 <= t["steps"] <= 8 for t in trials if t["status"] == "STOPPED")
     best = summary["best"]
     assert best["status"] == "DONE" and best["metrics"]["itc_loss"] == min(t["metrics"]["itc_loss"] for t in finished)
     assert Path(best["checkpoint"]).is_dir() and (Path(best["checkpoint"]) / "manifest.json").exists()
