@@ -388,10 +388,18 @@ def close_stopped_runs(client, parent: str, stopped: set[str]) -> None:
     (RUNNING) or ended it as FAILED on the interruption. Mark those children KILLED (they keep the metrics
     logged until then); runs of trials that really failed stay FAILED."""
     experiment = client.get_run(parent).info.experiment_id
-    for run in client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
-        cut_off = run.data.tags.get("trial_id") in stopped and run.info.status != "FINISHED"
-        if run.info.status == "RUNNING" or cut_off:
-            client.set_terminated(run.info.run_id, "KILLED")
+    settled = 0
+    for _ in range(20):  # an interrupted trial may still be ending its run: repeat until two passes change nothing
+        changed = False
+        for run in client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+            cut_off = run.data.tags.get("trial_id") in stopped and run.info.status not in ("FINISHED", "KILLED")
+            if run.info.status == "RUNNING" or cut_off:
+                client.set_terminated(run.info.run_id, "KILLED")
+                changed = True
+        settled = 0 if changed else settled + 1
+        if settled >= 2:
+            return
+        time.sleep(1.0)
 
 
 def pick_best(rows: list[dict], metric: str, mode: str) -> Optional[dict]:

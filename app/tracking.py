@@ -128,7 +128,10 @@ def log_json_artifact(tracking_uri: str, run_id: str, name: str, payload: Any) -
 
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
-    client(tracking_uri).set_terminated(run_id, status=status)
+    mlflow_client = client(tracking_uri)
+    if status == "FAILED" and mlflow_client.get_run(run_id).info.status == "KILLED":
+        return  # a sweep stopped this run's trial and already marked it KILLED: the interruption is not a failure
+    mlflow_client.set_terminated(run_id, status=status)
 
 
 def ui_command(tracking_uri: str) -> str:
