@@ -50,7 +50,7 @@ from app import storage
 from app.config import Config, ConfigError
 from app.data.images import (SCHEMA, _parquet_to_rows, decode_image, iter_tar_samples, shard_files,
                              transform_image)
-from app.data.text import clean_text, in_blocks
+from app.data.text import in_blocks, normalise_caption
 
 logger = logging.getLogger(__name__)
 
@@ -100,12 +100,19 @@ def run_identity(cfg: Config, s3: Optional[storage.S3Options], kind: str) -> dic
     stage = stage_for(cfg)
     identity: dict[str, Any] = {"format": FORMAT_VERSION, "kind": kind}
     if kind == "features":
-        vision = VisionEncoder.from_pretrained(storage.local_model(cfg.model.vision, s3), dtype=torch.float32)
+        vision = VisionEncoder.from_pretrained(storage.local_model(cfg.model.vision, s3), dtype=torch.float32,
+                                               final_layernorm=not cfg.model.train_ln_vision)
         identity["vision"] = {"uri": cfg.model.vision, "sha256": module_digest(vision)}
+        # model.train_ln_vision: the cache keeps the tokens before the tower's final LayerNorm, so it stays valid
+        # while the Q-Former's ln_vision trains.
         identity["transform"] = {"image_size": stage.image_size(cfg, s3), "num_frames": cfg.data.num_frames,
+                                 "tokens": ("before the tower's final LayerNorm" if cfg.model.train_ln_vision
+                                            else "after the tower's frozen final LayerNorm"),
                                  "resize": "bicubic to image_size x image_size, no crop, no flip",
                                  "frames": "centre of each of num_frames equal segments" if cfg.data.num_frames else None}
         del vision
+    # The captions are stored normalised (data.caption_style), for the P-Former and the stage's tokenizers alike.
+    identity["captions"] = {"caption_style": cfg.data.caption_style, "max_words": cfg.data.max_words}
     identity["pformer"] = None
     if cfg.init_from.pformer:
         pformer = load_frozen_pformer(cfg.init_from.pformer, s3)
@@ -132,6 +139,11 @@ def identity_mismatch(cache: dict[str, Any], run: dict[str, Any]) -> Optional[st
         for key, value in run["transform"].items():
             if (cache.get("transform") or {}).get(key) != value:
                 return f"transform: the cache has {key}={cache['transform'].get(key)!r}, this run needs {value!r}"
+    for key, value in run["captions"].items():
+        made_value = (cache.get("captions") or {}).get(key)
+        if made_value != value:
+            return (f"captions: the cache holds captions normalised with data.{key}={made_value!r}, this run uses "
+                    f"data.{key}={value!r}")
     made, now = cache.get("pformer"), run.get("pformer")
     if now is not None:
         if made is None:
@@ -215,7 +227,7 @@ class CacheInputSource(FileBasedDatasource):
 
 
 def prepare_cache_batch(batch: pa.Table, *, kind: str, image_size: int, num_frames: Optional[int],
-                        max_chars: int) -> dict[str, np.ndarray]:
+                        max_chars: int, caption_style: str = "blip", max_words: int = 50) -> dict[str, np.ndarray]:
     """Rows -> `status` ("ok", "end", "skip:<reason>"), cleaned captions (JSON), and the eval-transformed
     `pixels` (features; zeros where not ok) or the media bytes (prompts)."""
     from app.data.video import VideoDecodeError, clip_pixels, is_video
@@ -230,7 +242,8 @@ def prepare_cache_batch(batch: pa.Table, *, kind: str, image_size: int, num_fram
         elif row["problem"] is not None:
             state = f"skip:{row['problem']}"
         else:
-            texts = [t for t in (clean_text(c, max_chars) for c in row["captions"] or []) if t]
+            texts = [t for t in (normalise_caption(c, caption_style, max_words, max_chars)
+                                 for c in row["captions"] or []) if t]
             if not texts:
                 state = "skip:no_caption" if not row["captions"] else "skip:empty_caption"
             elif not row["image"]:
@@ -308,7 +321,8 @@ class CacheEncoder:
         if self.cache.kind == "features":
             self.vision = VisionEncoder.from_pretrained(
                 storage.local_model(cfg.model.vision, s3),
-                dtype=resolve_dtype(cfg.model.vision_dtype, self.device.type == "cuda")).to(self.device)
+                dtype=resolve_dtype(cfg.model.vision_dtype, self.device.type == "cuda"),
+                final_layernorm=not cfg.model.train_ln_vision).to(self.device)
         self.shapes: dict[str, list[int]] = {}  # per-row tensor shapes, kept in each part's schema metadata
         self.pformer = self.tokenizer = None
         if cfg.init_from.pformer:
@@ -478,7 +492,8 @@ def cache_features(cfg: Config, s3: Optional[storage.S3Options] = None, *, max_s
         # Fractional CPUs keep the decode stage out of the encoder actors (Ray would fuse it into them), so CPU
         # tasks decode while the actors encode; without a batch size it fuses with the read (one task per shard).
         prepared = raw.map_batches(prepare_cache_batch, batch_size=None, batch_format="pyarrow", num_cpus=0.5, fn_kwargs=dict(
-            kind=cache.kind, image_size=image_size, num_frames=cfg.data.num_frames, max_chars=cfg.data.max_chars))
+            kind=cache.kind, image_size=image_size, num_frames=cfg.data.num_frames, max_chars=cfg.data.max_chars,
+            caption_style=cfg.data.caption_style, max_words=cfg.data.max_words))
         encoded = prepared.map_batches(
             CacheEncoder, batch_size=None, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
             fn_constructor_kwargs=dict(cfg=cfg, s3=s3, use_gpu=use_gpu),

@@ -76,6 +76,11 @@ class TrainSection(_Section):
     checkpoint_every_steps: int = Field(2000, gt=0)
     num_checkpoints_to_keep: int = Field(2, gt=0)
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1 = forever).")
+    lr_schedule: Literal["cosine_per_step", "cosine_per_epoch"] = Field(
+        "cosine_per_step",
+        description="After the linear warmup, cosine decay to min_lr: every step over max_steps (cosine_per_step), or "
+                    "once per epoch over train.epochs as LAVIS's linear_warmup_cosine_lr does (cosine_per_epoch: warmup "
+                    "within the first epoch, then lr = min_lr + (lr - min_lr)(1 + cos(pi epoch / epochs)) / 2).")
 
     @model_validator(mode="after")
     def _check_lrs(self) -> "TrainSection":
@@ -89,6 +94,11 @@ class DataSection(_Section):
     text_format: Literal["auto", "txt", "tsv", "csv", "jsonl", "parquet"] = "auto"
     text_column: str = Field("caption", min_length=1, description="Column/field holding the text (tsv/csv/jsonl/parquet).")
     max_chars: int = Field(1000, gt=0, description="Cleaned texts are cut to this many characters.")
+    caption_style: Literal["blip", "raw"] = Field(
+        "blip", description="Caption normalisation before tokenisation (stage-0 text, stage-1/2 captions): blip = BLIP's "
+                            "pre_caption (lowercase, .!\"()*#:;~ to spaces, spaces collapsed, at most data.max_words "
+                            "words); raw = the text as written, whitespace collapsed.")
+    max_words: int = Field(50, gt=0, description="caption_style=blip: captions are cut to this many words.")
     max_txt_len: int = Field(32, gt=1, description="Token budget per caption for every tokenizer.")
     shuffle_buffer_rows: int = Field(10_000, ge=0, description="Local shuffle buffer of the training iterator.")
     prefetch_batches: int = Field(4, ge=1)
@@ -131,6 +141,13 @@ class ModelSection(_Section):
     frame_pooling: Literal["concat", "mean"] = Field(
         "concat", description="Video (data.num_frames): the Q-Former cross-attends to every frame's tokens (concat) "
                               "or to their mean over frames (mean), after a learned temporal position embedding.")
+    train_ln_vision: bool = Field(
+        True, description="Stages 1-2: the image tokens are taken before the tower's final LayerNorm and go through a "
+                          "new LayerNorm (BLIP-2's ln_vision) trained with the Q-Former; false = the tower's own final "
+                          "LayerNorm, frozen (for Salesforce/blip2-* towers that is BLIP-2's trained ln_vision).")
+    llm_dropout_in_training: bool = Field(
+        True, description="Stages 0 and 2: the frozen LLM runs in train mode (its own dropout active) during training, "
+                          "as in the reference; it is always in eval mode for validation, evaluation and generation.")
     dropout: Optional[float] = Field(
         None, ge=0, lt=1, description="Dropout of the trained BERT layers (P-Former in stage 0, Q-Former in stages "
                                       "1-2); unset = the checkpoint's own (0.1 for BERT). Tiny models learn better with 0.")
@@ -149,6 +166,13 @@ class LossSection(_Section):
     itc_weight: float = Field(1.0, ge=0)
     itm_weight: float = Field(1.0, ge=0)
     itg_weight: float = Field(1.0, ge=0)
+    gather_with_grad: bool = Field(
+        False, description="Stage-0 contrastive and stage-1 ITC: false = the gathered side of the similarity matrix "
+                           "carries no gradient (the reference's torch.distributed.all_gather, at every world size); "
+                           "true = gradients flow through the gathered features too.")
+    itc_same_image_positives: bool = Field(
+        False, description="Stage 1: captions of the same image (image_id in the shards) are ITC positives (targets "
+                           "spread over them) and never drawn as ITM negatives; false = the reference (BLIText).")
 
     def align_weight_for(self, stage: str) -> float:
         if self.align_weight is not None:

@@ -1,6 +1,7 @@
 """Export a stage-2 checkpoint as a Hugging Face `Blip2ForConditionalGeneration` folder.
 
-    vision_model.*         <- the frozen BLIP-2 (EVA-style) vision tower (Blip2VisionModel)
+    vision_model.*         <- the frozen BLIP-2 (EVA-style) vision tower (Blip2VisionModel); its
+                              post_layernorm <- the trained ln_vision when the Q-Former has one
     query_tokens           <- the Q-Former's learned queries
     qformer.*              <- the Q-Former (query path; the text FFN used only by stage 1 is dropped)
     language_projection.*  <- llm_proj
@@ -42,6 +43,9 @@ def _state_dict(model: TrainedBLIP2, llm) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for key, value in model.vision.tower.state_dict().items():
         state[f"vision_model.{key}"] = value
+    if model.qformer.ln_vision is not None:  # the trained ln_vision is what Blip2VisionModel calls post_layernorm
+        for key, value in model.qformer.ln_vision.state_dict().items():
+            state[f"vision_model.post_layernorm.{key}"] = value
     state["query_tokens"] = model.qformer.query_tokens.detach()
     for key, value in model.qformer.bert.state_dict().items():
         if not _TEXT_FFN.match(key):

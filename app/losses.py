@@ -74,22 +74,45 @@ def itc_similarities(image_feats: torch.Tensor, text_feat: torch.Tensor, all_ima
 
 
 def itc_loss(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, temp: torch.Tensor, offset: int = 0,
-             label_smoothing: float = 0.1) -> torch.Tensor:
-    """Symmetric InfoNCE over the global batch; the positive of local row i is column offset + i."""
-    targets = torch.arange(sim_i2t.shape[0], device=sim_i2t.device) + offset
+             label_smoothing: float = 0.1, positives: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch; the positive of local row i is column offset + i.
+
+    positives (B, N) bool, optional: every column marked True is a positive of its row (captions of the
+    same image), the target mass spread evenly over them, as LAVIS does with image ids."""
+    if positives is None:
+        targets = torch.arange(sim_i2t.shape[0], device=sim_i2t.device) + offset
+    else:
+        pos = positives.float()
+        targets = pos / pos.sum(dim=1, keepdim=True)
     return 0.5 * (F.cross_entropy(sim_i2t / temp, targets, label_smoothing=label_smoothing)
                   + F.cross_entropy(sim_t2i / temp, targets, label_smoothing=label_smoothing))
 
 
+def same_image_mask(image_ids: torch.Tensor, all_image_ids: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool: local sample i and global sample n show the same image."""
+    return image_ids.view(-1, 1) == all_image_ids.view(1, -1)
+
+
 @torch.no_grad()
-def hard_negative_indices(sim: torch.Tensor, offset: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+def hard_negative_indices(sim: torch.Tensor, offset: int = 0, generator: torch.Generator | None = None,
+                          excluded: torch.Tensor | None = None) -> torch.Tensor:
     """For each local row i of `sim` (B, N), a column != offset + i drawn with probability
-    softmax(sim[i]) over the other columns: similar (hard) negatives are drawn more often."""
+    softmax(sim[i]) over the other columns: similar (hard) negatives are drawn more often.
+    excluded (B, N) bool, optional: further columns never drawn (e.g. other captions of the same image)."""
     rows = torch.arange(sim.shape[0], device=sim.device)
     logits = sim.float().clone()
     logits[rows, rows + offset] = float("-inf")
+    if excluded is not None:
+        logits.masked_fill_(excluded, float("-inf"))
     weights = torch.softmax(logits, dim=1).nan_to_num_(0.0) + 1e-12  # a tie-free fallback for degenerate rows
     weights[rows, rows + offset] = 0.0
+    if excluded is not None:
+        weights.masked_fill_(excluded, 0.0)
+        # A row whose every other column is excluded (a batch of one image) falls back to any other column.
+        empty = weights.sum(dim=1) == 0
+        if empty.any():
+            weights[empty] = 1.0
+            weights[rows[empty], rows[empty] + offset] = 0.0
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 

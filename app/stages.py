@@ -97,10 +97,12 @@ class PFormerStage:
         weights = PFormerLossWeights(
             lm_weight=loss.lm_weight, contrastive_weight=loss.contrastive_weight,
             vocab_weight=loss.vocab_weight if loss.vocab_weight is not None else (0.0 if llm.is_encoder_decoder else 1.0),
-            contrastive_views=loss.contrastive_views, label_smoothing=loss.label_smoothing, mask_prob=loss.mask_prob)
+            contrastive_views=loss.contrastive_views, label_smoothing=loss.label_smoothing, mask_prob=loss.mask_prob,
+            gather_with_grad=loss.gather_with_grad)
         protected = tuple(i for i in (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id)
                           if i is not None)
-        return PFormerLM(pformer, llm, weights, mask_token_id=tokenizer.mask_token_id, protected_ids=protected)
+        return PFormerLM(pformer, llm, weights, mask_token_id=tokenizer.mask_token_id, protected_ids=protected,
+                         llm_dropout=cfg.model.llm_dropout_in_training)
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """LLM tokens processed (input + target), for tokens/s; a device tensor, so no sync per step."""
@@ -260,7 +262,8 @@ class ImageTextStage:
         from app.models.vision import VisionEncoder
 
         return VisionEncoder.from_pretrained(storage.local_model(cfg.model.vision, s3),
-                                             dtype=resolve_dtype(cfg.model.vision_dtype, cfg.scaling.use_gpu))
+                                             dtype=resolve_dtype(cfg.model.vision_dtype, cfg.scaling.use_gpu),
+                                             final_layernorm=not cfg.model.train_ln_vision)
 
     def pformer(self, cfg: Config, s3: storage.S3Options | None) -> Optional[PFormer]:
         if cfg.loss.align_weight_for(self.name) == 0:
@@ -287,6 +290,9 @@ class QFormerStage(ImageTextStage):
         cfg.init_from.pformer = self._check_pformer(cfg, cfg.init_from.pformer, llm_dim, s3)
         cfg.loss.align_weight = cfg.loss.align_weight_for(self.name)
         self._check_cache(cfg, s3)
+        if cfg.loss.itc_same_image_positives and cfg.data.train_features:
+            raise ConfigError("loss.itc_same_image_positives needs the image ids of data.train shards; a feature cache "
+                              "(data.train_features) does not carry them")
         if cfg.loss.itm_weight > 0 and cfg.train.batch_size_per_worker * cfg.scaling.num_workers < 2:
             raise ConfigError("train.batch_size_per_worker: ITM draws negatives from the global batch, which needs "
                               "at least 2 samples")
@@ -295,7 +301,8 @@ class QFormerStage(ImageTextStage):
     def caption_spec(self, cfg: Config, s3) -> image_data.CaptionSpec:
         pformer = storage.join(cfg.init_from.pformer, "pformer") if cfg.init_from.pformer else None
         return image_data.CaptionSpec(qformer=cfg.model.qformer, pformer=pformer, max_txt_len=cfg.data.max_txt_len,
-                                      max_chars=cfg.data.max_chars)
+                                      max_chars=cfg.data.max_chars, caption_style=cfg.data.caption_style,
+                                      max_words=cfg.data.max_words)
 
     def build_model(self, cfg: Config, s3: storage.S3Options | None = None):
         from app.models.blip2 import QFormerPretrain, Stage1Weights
@@ -307,9 +314,11 @@ class QFormerStage(ImageTextStage):
             encoder_hidden_size=vision.width, llm_dim=llm_embed_dim(storage.local_model(cfg.model.llm, s3)),
             cross_attention_frequency=cfg.model.cross_attention_freq, contrastive_dim=cfg.model.contrastive_dim,
             temp_init=cfg.model.temp_init, dropout=cfg.model.dropout, num_frames=cfg.data.num_frames or 0,
-            frame_pooling=cfg.model.frame_pooling)
+            frame_pooling=cfg.model.frame_pooling, ln_vision=cfg.model.train_ln_vision)
         weights = Stage1Weights(itc=cfg.loss.itc_weight, itm=cfg.loss.itm_weight, itg=cfg.loss.itg_weight,
-                                align=cfg.loss.align_weight_for(self.name), label_smoothing=cfg.loss.label_smoothing)
+                                align=cfg.loss.align_weight_for(self.name), label_smoothing=cfg.loss.label_smoothing,
+                                gather_with_grad=cfg.loss.gather_with_grad,
+                                same_image_positives=cfg.loss.itc_same_image_positives)
         model = QFormerPretrain(vision, qformer, self.pformer(cfg, s3), weights)
         model.qformer_tokenizer = tokenizer
         return model
@@ -322,7 +331,7 @@ class QFormerStage(ImageTextStage):
                                                "llm": cfg.model.llm},
                 "qformer_init": cfg.model.qformer, "num_query_tokens": cfg.model.num_query_tokens,
                 "num_frames": cfg.data.num_frames, "train_features": cfg.data.train_features,
-                "align_weight": cfg.loss.align_weight_for(self.name)}
+                "align_weight": cfg.loss.align_weight_for(self.name), "ln_vision": cfg.model.train_ln_vision}
 
 
 class LLMStage(ImageTextStage):
@@ -355,6 +364,14 @@ class LLMStage(ImageTextStage):
         if trained_frames and heads.get("frame_pooling", "concat") != cfg.model.frame_pooling:
             raise ConfigError(f"model.frame_pooling is {cfg.model.frame_pooling}, but the stage-1 Q-Former pools frames "
                               f"by {heads['frame_pooling']}")
+        # The image tokens must reach the Q-Former as in stage 1: its trained ln_vision (tokens before the tower's
+        # final LayerNorm), or the tower's frozen LayerNorm for Q-Formers trained without one.
+        trained_ln = bool(heads.get("ln_vision", False))
+        if trained_ln != cfg.model.train_ln_vision:
+            how = "with its own trainable ln_vision" if trained_ln else "on the tower's frozen final LayerNorm"
+            print(f"[llm] model.train_ln_vision={str(trained_ln).lower()}, as the stage-1 Q-Former was trained ({how})",
+                  flush=True)
+            cfg.model.train_ln_vision = trained_ln
         llm_dim = llm_embed_dim(storage.local_model(cfg.model.llm, s3))
         if heads["llm_dim"] != llm_dim:
             raise ConfigError(f"the stage-1 Q-Former's llm_proj_q maps to width {heads['llm_dim']}, but model.llm "
@@ -370,7 +387,8 @@ class LLMStage(ImageTextStage):
         return image_data.CaptionSpec(pformer=pformer, llm=cfg.model.llm,
                                       llm_is_encoder_decoder=llm_is_encoder_decoder(storage.local_model(cfg.model.llm, s3)),
                                       prompt=cfg.model.prompt, max_txt_len=cfg.data.max_txt_len,
-                                      max_chars=cfg.data.max_chars)
+                                      max_chars=cfg.data.max_chars, caption_style=cfg.data.caption_style,
+                                      max_words=cfg.data.max_words)
 
     def build_model(self, cfg: Config, s3: storage.S3Options | None = None):
         from transformers import AutoTokenizer
@@ -386,7 +404,11 @@ class LLMStage(ImageTextStage):
         llm = FrozenLLM.from_pretrained(llm_path, dtype=resolve_dtype(cfg.model.llm_dtype, cfg.scaling.use_gpu))
         prompt_length = 0 if llm.is_encoder_decoder else image_data.prompt_length(llm_path, cfg.model.prompt)
         weights = Stage2Weights(lm=cfg.loss.lm_weight, align=cfg.loss.align_weight_for(self.name))
-        model = LLMPretrain(self.vision(cfg, s3), qformer, llm, self.pformer(cfg, s3), weights, prompt_length)
+        if (qformer.ln_vision is not None) != cfg.model.train_ln_vision:
+            raise CheckpointError(f"init_from.qformer: the Q-Former {'has' if qformer.ln_vision is not None else 'has no'} "
+                                  f"trained ln_vision but model.train_ln_vision is {cfg.model.train_ln_vision}")
+        model = LLMPretrain(self.vision(cfg, s3), qformer, llm, self.pformer(cfg, s3), weights, prompt_length,
+                            llm_dropout=cfg.model.llm_dropout_in_training)
         model.qformer_tokenizer = AutoTokenizer.from_pretrained(Path(directory) / "qformer")
         return model
 
@@ -398,7 +420,8 @@ class LLMStage(ImageTextStage):
                                                "llm": cfg.model.llm},
                 "init_from": {"qformer": cfg.init_from.qformer}, "num_query_tokens": cfg.model.num_query_tokens,
                 "num_frames": cfg.data.num_frames, "train_features": cfg.data.train_features,
-                "align_weight": cfg.loss.align_weight_for(self.name), "prompt": cfg.model.prompt}
+                "align_weight": cfg.loss.align_weight_for(self.name), "prompt": cfg.model.prompt,
+                "ln_vision": cfg.model.train_ln_vision}
 
 
 STAGE_NUMBER = {"pformer": 0, "qformer": 1, "llm": 2}

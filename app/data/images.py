@@ -21,6 +21,7 @@ Hugging Face datasets), a caption column (string or list of strings) and optiona
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -39,7 +40,7 @@ from ray.data.datasource import FileBasedDatasource
 
 from app import storage
 from app.data.stats import report_counts
-from app.data.text import clean_text, in_blocks, load_tokenizer, split_words, tokenize
+from app.data.text import in_blocks, load_tokenizer, normalise_caption, split_words, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ SHARD_EXTENSIONS = {".tar": "webdataset", ".parquet": "parquet"}
 CHUNK_ROWS = 256
 VIDEO_CHUNK_ROWS = 8  # clips per block: ~10 MB of frames at 8 x 224 px
 SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("image", pa.binary()),
-                    ("captions", pa.list_(pa.string())), ("problem", pa.string()), ("ext", pa.string())])
+                    ("captions", pa.list_(pa.string())), ("problem", pa.string()), ("ext", pa.string()),
+                    ("image_id", pa.string())])
 
 
 def shard_files(uri: str, fmt: str = "auto", s3: storage.S3Options | None = None):
@@ -92,9 +94,13 @@ def _sample_row(key: str, shard: str, members: dict[str, bytes], caption_field: 
     image = members[ext] if ext else None
     captions: list[str] = []
     problem = None
+    image_id = None
     if "json" in members:
         try:
             meta = json.loads(members["json"].decode("utf-8"))
+            if isinstance(meta, dict):  # jobs.make_shards writes image_id; img2dataset-style json has none
+                found = meta.get("image_id", meta.get("file"))
+                image_id = str(found) if found is not None else None
             listed = meta.get("captions") if isinstance(meta, dict) else None
             single = meta.get(caption_field) if isinstance(meta, dict) else None
             if isinstance(listed, list):
@@ -110,7 +116,8 @@ def _sample_row(key: str, shard: str, members: dict[str, bytes], caption_field: 
             problem = "undecodable_caption"
     if image is None:
         problem = "no_image"
-    return {"key": key, "shard": shard, "image": image, "captions": captions, "problem": problem, "ext": ext}
+    return {"key": key, "shard": shard, "image": image, "captions": captions, "problem": problem, "ext": ext,
+            "image_id": image_id}
 
 
 def iter_tar_samples(f, shard: str, caption_field: str = "caption") -> Iterator[dict]:
@@ -168,13 +175,15 @@ def _parquet_to_rows(batch: pa.Table, image_column: str, caption_column: str, ur
     captions = batch.column(caption_column).to_pylist()
     keys = batch.column("key").to_pylist() if "key" in batch.column_names else [None] * n
     paths = batch.column("path").to_pylist() if "path" in batch.column_names else [""] * n
+    ids = batch.column("image_id").to_pylist() if "image_id" in batch.column_names else [None] * n
     rows = []
-    for key, path, image, caption in zip(keys, paths, images, captions):
+    for key, path, image, caption, image_id in zip(keys, paths, images, captions, ids):
         listed = caption if isinstance(caption, list) else [caption] if isinstance(caption, str) else []
         data = _image_bytes(image)
         rows.append({"key": str(key) if key is not None else "", "shard": uri_prefix + path, "image": data,
                      "captions": [c for c in listed if isinstance(c, str)],
-                     "problem": None if data is not None else "no_image", "ext": ""})
+                     "problem": None if data is not None else "no_image", "ext": "",
+                     "image_id": str(image_id) if image_id is not None else None})
     return _table(rows)
 
 
@@ -196,7 +205,7 @@ def read_image_text(uri: str, *, fmt: str = "auto", image_column: str = "image",
             if missing:
                 raise ValueError(f"{prefix}{paths[0]} has no column(s) {missing} (columns: {names}); "
                                  f"set data.image_column / data.caption_column")
-            columns = [image_column, caption_column] + (["key"] if "key" in names else [])
+            columns = [image_column, caption_column] + [c for c in ("key", "image_id") if c in names]
             ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, shuffle=shuffle).select_columns(
                 columns + ["path"])
             parts.append(ds.map_batches(_parquet_to_rows, batch_format="pyarrow", fn_kwargs=dict(
@@ -296,6 +305,11 @@ class CaptionSpec:
     prompt: str = ""
     max_txt_len: int = 32
     max_chars: int = 1000
+    caption_style: str = "blip"  # data.caption_style (app.data.text.normalise_caption)
+    max_words: int = 50
+
+    def normalise(self, text: str) -> str:
+        return normalise_caption(text, self.caption_style, self.max_words, self.max_chars)
 
 
 @functools.lru_cache(maxsize=8)
@@ -355,11 +369,13 @@ def _log_skip(shard: str, key: str, reason: str) -> None:
 def preprocess_image_batch(batch: pa.Table, *, image_size: int, train: bool, captions: CaptionSpec,
                            min_crop_scale: float = 0.5, horizontal_flip: bool = True, seed: int = 0, counter=None, count_prefix: str = "",
                            s3: Optional[storage.S3Options] = None, keep_text: bool = False,
-                           num_frames: Optional[int] = None, cached: Optional[dict] = None) -> dict[str, np.ndarray]:
+                           num_frames: Optional[int] = None, cached: Optional[dict] = None,
+                           image_ids: bool = False) -> dict[str, np.ndarray]:
     """Raw sample rows -> `pixels` uint8 (N, S, S, 3), or (N, T, S, S, 3) with `num_frames` T (video: clips
     are sampled as in `app.data.video`, images repeated), + caption tokens. Bad samples are counted, not raised.
 
     keep_text: also return `key`, `shard` and the chosen `caption` (evaluation, inspection).
+    image_ids: also return `image_id` (int64), equal for the samples of one image (see `image_id_number`).
     cached: rows of a prompt cache (`app.cache`, kind prompts): {column, dtype, shape} of the P-Former outputs
     kept per caption; the chosen caption's output leaves as `pformer_sentence` / `pformer_prompts`.
     """
@@ -387,7 +403,7 @@ def preprocess_image_batch(batch: pa.Table, *, image_size: int, train: bool, cap
             skip(row, "no_caption")
             continue
         choice = int(rng.integers(len(listed))) if train and len(listed) > 1 else 0
-        text = clean_text(listed[choice], captions.max_chars)
+        text = captions.normalise(listed[choice])
         if not text:
             skip(row, "empty_caption")
             continue
@@ -438,11 +454,20 @@ def preprocess_image_batch(batch: pa.Table, *, image_size: int, train: bool, cap
         key = f"{name}_bf16" if cached["dtype"] == "bfloat16" else name
         out[key] = bytes_array(kept_vectors, cached["dtype"], tuple(cached["shape"]))
     out.update(tokenize_captions(kept_texts, captions, rng, s3))
+    if image_ids:
+        out["image_id"] = np.array([image_id_number(r) for r in kept_rows], dtype=np.int64)
     if keep_text:
         out["key"] = np.array([r["key"] for r in kept_rows])
         out["shard"] = np.array([r["shard"] for r in kept_rows])
         out["caption"] = np.array(kept_texts)
     return out
+
+
+def image_id_number(row: dict) -> int:
+    """A 63-bit number naming the sample's image: from the shard's `image_id` (jobs.make_shards writes it, one
+    per file), else the sample key (every sample its own image, as the reference assumes)."""
+    name = row.get("image_id") or f"{row['shard']}/{row['key']}"
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
 def image_text_dataset(uri: str, cfg, *, train: bool, image_size: int, captions: CaptionSpec, counter=None,
@@ -463,5 +488,5 @@ def image_text_dataset(uri: str, cfg, *, train: bool, image_size: int, captions:
         fn_kwargs=dict(image_size=image_size, train=train, captions=captions, min_crop_scale=cfg.data.min_crop_scale,
                        horizontal_flip=cfg.data.horizontal_flip,
                        seed=cfg.run.seed, counter=counter, count_prefix=count_prefix, s3=s3, keep_text=keep_text,
-                       num_frames=cfg.data.num_frames),
+                       num_frames=cfg.data.num_frames, image_ids=cfg.loss.itc_same_image_positives),
     )

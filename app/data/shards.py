@@ -143,7 +143,7 @@ def write_shard(row: dict[str, Any], *, media_dir: str, out: str, s3: Optional[s
             _add(tar, f"{sample['key']}.{ext}", data, now)
             if len(sample["captions"]) == 1:
                 _add(tar, f"{sample['key']}.txt", sample["captions"][0].encode("utf-8"), now)
-            meta = {"key": sample["key"], "file": sample["file"], "captions": sample["captions"]}
+            meta = {"key": sample["key"], "file": sample["file"], "image_id": sample["file"], "captions": sample["captions"]}
             _add(tar, f"{sample['key']}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"), now)
             written += 1
     if written:

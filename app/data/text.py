@@ -13,6 +13,7 @@ import functools
 import io
 import json
 import logging
+import re
 import zlib
 from collections import Counter
 from typing import Iterable, Iterator, Optional
@@ -209,13 +210,43 @@ def clean_text(text: str, max_chars: int) -> str:
     return text
 
 
-def split_words(text: str, rng: np.random.Generator) -> tuple[str, str]:
-    """Random prefix/suffix split for prefix-LM, at a word index in [1, max(1, n_words // 2)].
+_BLIP_PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
+_SPACES = re.compile(r"\s{2,}")
 
-    A one-word caption becomes (word, ""): the target is then only the end-of-sequence token.
+
+def pre_caption(caption: str, max_words: int = 50) -> str:
+    """BLIP's caption normalisation (LAVIS `BlipCaptionProcessor.pre_caption`): lowercase, each of
+    .!"()*#:;~ to a space, runs of whitespace to one space, stripped, cut to `max_words` words."""
+    caption = _BLIP_PUNCTUATION.sub(" ", caption.lower())
+    caption = _SPACES.sub(" ", caption)
+    caption = caption.rstrip("\n").strip(" ")
+    words = caption.split(" ")
+    if len(words) > max_words:
+        caption = " ".join(words[:max_words])
+    return caption
+
+
+def normalise_caption(text: str, style: str = "blip", max_words: int = 50, max_chars: int = 1000) -> str:
+    """The caption as every tokenizer sees it (data.caption_style): BLIP's `pre_caption` ("blip") or the text
+    as written ("raw"); then whitespace collapsed and cut to `max_chars`. Empty = unusable (counted)."""
+    if style == "blip":
+        text = pre_caption(text, max_words)
+    elif style != "raw":
+        raise ValueError(f"caption style must be 'blip' or 'raw', not {style!r}")
+    return clean_text(text, max_chars)
+
+
+def split_words(text: str, rng: np.random.Generator, stage0: bool = False) -> tuple[str, str]:
+    """Random prefix/suffix split for prefix-LM (encoder-decoder LLMs) at a word index k.
+
+    Stage 2 (`blip2_pformer_t5.py`): k in [1, max(1, n_words // 2)]. Stage 0 (`pformer_t5.py`, Python's
+    inclusive `random.randint(1, 1 + n // 2)`): k in [1, n_words // 2 + 1], so a two-word caption may be
+    split after both words. A split after every word becomes (caption, ""): the target is then only
+    the end-of-sequence token (the reference crashes on one-word captions; this does not).
     """
     words = text.split()
-    k = int(rng.integers(1, max(1, len(words) // 2) + 1))
+    high = len(words) // 2 + 1 if stage0 else max(1, len(words) // 2)
+    k = int(rng.integers(1, high + 1))
     return " ".join(words[:k]), " ".join(words[k:])
 
 
@@ -237,7 +268,7 @@ def tokenize(tok, texts: list[str], max_len: int, prefix: str) -> dict[str, np.n
 
 def preprocess_text_batch(batch: dict[str, np.ndarray], *, pformer_tokenizer: str, llm_tokenizer: str,
                           llm_is_encoder_decoder: bool, max_chars: int, max_txt_len: int, seed: int,
-                          counter=None) -> dict[str, np.ndarray]:
+                          counter=None, caption_style: str = "blip", max_words: int = 50) -> dict[str, np.ndarray]:
     """Raw rows -> token arrays for the P-Former and the LLM. Bad rows are counted, not raised.
 
     Decoder-only LLM: the caption + "\\n" (newline is the end-of-caption token for generation).
@@ -249,7 +280,7 @@ def preprocess_text_batch(batch: dict[str, np.ndarray], *, pformer_tokenizer: st
         if problem is not None or not isinstance(text, str):
             counts[f"skipped_{problem or 'invalid'}"] += 1
             continue
-        text = clean_text(text, max_chars)
+        text = normalise_caption(text, caption_style, max_words, max_chars)
         if not text:
             counts["skipped_empty"] += 1
             continue
@@ -265,7 +296,7 @@ def preprocess_text_batch(batch: dict[str, np.ndarray], *, pformer_tokenizer: st
     if llm_is_encoder_decoder:
         # Seeded by the batch content: reproducible, yet different splits for different captions.
         rng = np.random.default_rng([seed, zlib.crc32("\n".join(texts).encode())])
-        prefixes, suffixes = zip(*(split_words(t, rng) for t in texts))
+        prefixes, suffixes = zip(*(split_words(t, rng, stage0=True) for t in texts))
         out.update(tokenize(llm_tok, list(prefixes), max_txt_len, "llm"))
         out.update(tokenize(llm_tok, list(suffixes), max_txt_len, "llm_target"))
     else:
@@ -283,7 +314,8 @@ def text_dataset(cfg, *, llm_is_encoder_decoder: bool, counter=None,
         batch_format="numpy",
         fn_kwargs=dict(pformer_tokenizer=cfg.model.pformer, llm_tokenizer=cfg.model.llm,
                        llm_is_encoder_decoder=llm_is_encoder_decoder, max_chars=cfg.data.max_chars,
-                       max_txt_len=cfg.data.max_txt_len, seed=cfg.run.seed, counter=counter),
+                       max_txt_len=cfg.data.max_txt_len, seed=cfg.run.seed, counter=counter,
+                       caption_style=cfg.data.caption_style, max_words=cfg.data.max_words),
     )
 
 

@@ -113,9 +113,11 @@ class TrainedBLIP2(nn.Module):
         use_gpu = device.type == "cuda"
         frozen = manifest.get("frozen", {})
         vision_path = storage.local_model(frozen.get("vision") or cfg.model.vision, s3)
-        vision = VisionEncoder.from_pretrained(vision_path, dtype=resolve_dtype(cfg.model.vision_dtype, use_gpu))
         qformer = QFormer.from_architecture(directory / "qformer")
         load_submodule(qformer, directory, "qformer")
+        # A trained ln_vision in the Q-Former takes the tokens before the tower's final LayerNorm.
+        vision = VisionEncoder.from_pretrained(vision_path, dtype=resolve_dtype(cfg.model.vision_dtype, use_gpu),
+                                               final_layernorm=qformer.ln_vision is None)
         qformer_tokenizer = AutoTokenizer.from_pretrained(directory / "qformer")
         llm = llm_tokenizer = None
         if manifest["stage"] == "llm":
@@ -198,6 +200,12 @@ class TrainedBLIP2(nn.Module):
         return image_embeds, F.normalize(self.qformer.vision_proj(queries), dim=-1)
 
     def tokenize_text(self, texts: Sequence[str], max_length: int = 35) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q-Former tokens of `texts`, normalised as the training captions were (data.caption_style)."""
+        if self.config is not None:
+            from app.data.text import normalise_caption
+
+            data = self.config.data
+            texts = [normalise_caption(t, data.caption_style, data.max_words, data.max_chars) for t in texts]
         enc = self.qformer_tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
                                      return_tensors="pt").to(self.device)
         return enc.input_ids, enc.attention_mask

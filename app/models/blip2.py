@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from app.losses import (IGNORE_INDEX, align_loss, hard_negative_indices, itc_loss, itc_similarities, itm_labels,
-                        lm_loss)
+                        lm_loss, same_image_mask)
 from app.models.frozen import Composite, freeze
 from app.models.llm import FrozenLLM
 from app.models.pformer import PFormer
@@ -32,6 +32,8 @@ class Stage1Weights:
     itg: float = 1.0
     align: float = 10.0
     label_smoothing: float = 0.1  # ITC and ITG, as BLIP-2
+    gather_with_grad: bool = False  # ITC columns: see app.train.dist.gather_features
+    same_image_positives: bool = False  # captions of one image: ITC positives, never ITM negatives
 
 
 @dataclass(frozen=True)
@@ -48,27 +50,41 @@ def _add_align(losses: dict[str, torch.Tensor], prompts: torch.Tensor, target: O
 
 
 def stage1_losses(q: QFormer, image_embeds: torch.Tensor, *, text_ids: torch.Tensor, text_mask: torch.Tensor,
-                  weights: Stage1Weights, align_target: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-    """ITC, ITM (hard negatives from the global batch), ITG and the alignment loss; "loss" is their sum."""
+                  weights: Stage1Weights, align_target: Optional[torch.Tensor] = None,
+                  image_ids: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """ITC, ITM (hard negatives from the global batch), ITG and the alignment loss; "loss" is their sum.
+
+    ITC as the reference: sim_i2t = local image features x gathered text features, sim_t2i = local text
+    features x gathered image features; the gathered side carries no gradient unless
+    weights.gather_with_grad. image_ids (B,) with weights.same_image_positives: captions of the same
+    image are positives in ITC and never ITM negatives."""
     batch, num_q = text_ids.shape[0], q.num_query_tokens
     offset = dist.rank() * batch
     losses: dict[str, torch.Tensor] = {}
     query_out = q.encode_image(image_embeds)  # (B, Q, H)
+    same_image = None
+    if weights.same_image_positives:
+        if image_ids is None:
+            raise ValueError("loss.itc_same_image_positives needs image ids in the batch (shards written with "
+                             "image_id; see jobs.make_shards)")
+        same_image = same_image_mask(image_ids, dist.gather(image_ids))  # (B, N)
 
     # 1. ITC: each image's best query against each caption, over every worker's batch.
     if weights.itc > 0 or weights.itm > 0:
         image_feats = F.normalize(q.vision_proj(query_out), dim=-1)  # (B, Q, C)
         text_feat = F.normalize(q.text_proj(q.encode_text(text_ids, text_mask)[:, 0]), dim=-1)  # (B, C)
-        sim_i2t, sim_t2i = itc_similarities(image_feats, text_feat, dist.gather_with_grad(image_feats),
-                                            dist.gather_with_grad(text_feat))  # (B, N) each
+        sim_i2t, sim_t2i = itc_similarities(image_feats, text_feat,
+                                            dist.gather_features(image_feats, weights.gather_with_grad),
+                                            dist.gather_features(text_feat, weights.gather_with_grad))  # (B, N) each
         temp = q.temp.clamp(0.001, 0.5)
         if weights.itc > 0:
-            losses["itc_loss"] = itc_loss(sim_i2t, sim_t2i, temp, offset, weights.label_smoothing)
+            losses["itc_loss"] = itc_loss(sim_i2t, sim_t2i, temp, offset, weights.label_smoothing, same_image)
 
     # 2. ITM: positives, each image with a hard negative caption, each caption with a hard negative image.
     if weights.itm > 0:
-        neg_image = hard_negative_indices(sim_t2i.detach() / temp.detach(), offset)  # (B,) into the global batch
-        neg_text = hard_negative_indices(sim_i2t.detach() / temp.detach(), offset)
+        neg_image = hard_negative_indices(sim_t2i.detach() / temp.detach(), offset,
+                                          excluded=same_image)  # (B,) into the global batch
+        neg_text = hard_negative_indices(sim_i2t.detach() / temp.detach(), offset, excluded=same_image)
         all_images = dist.gather(image_embeds)  # frozen features: no gradient needed
         pad = q.config.pad_token_id or 0
         all_ids, all_mask = dist.gather_padded(text_ids, pad), dist.gather_padded(text_mask, 0)
@@ -161,7 +177,8 @@ class QFormerPretrain(Composite):
         image_embeds = frozen_image_embeds(self.vision, batch)
         target = pformer_prompts(self.pformer, batch) if self.weights.align > 0 else None
         return self.qformer(image_embeds, objective="stage1", text_ids=batch["qformer_ids"],
-                            text_mask=batch["qformer_mask"], weights=self.weights, align_target=target)
+                            text_mask=batch["qformer_mask"], weights=self.weights, align_target=target,
+                            image_ids=batch.get("image_id"))
 
 
 class LLMPretrain(Composite):
@@ -171,8 +188,11 @@ class LLMPretrain(Composite):
     frozen_names = ("vision", "pformer", "llm")
 
     def __init__(self, vision: VisionEncoder, qformer: QFormer, llm: FrozenLLM, pformer: Optional[PFormer],
-                 weights: Stage2Weights, prompt_length: int = 0):
+                 weights: Stage2Weights, prompt_length: int = 0, llm_dropout: bool = True):
         super().__init__()
+        # model.llm_dropout_in_training: the frozen LLM's own dropout in training forwards (the reference's);
+        # the vision tower and the P-Former stay in eval mode always.
+        self.frozen_in_train_mode = ("llm",) if llm_dropout else ()
         self.vision = freeze(vision)
         self.qformer = qformer
         self.llm = llm

@@ -16,18 +16,21 @@ class Composite(nn.Module):
     """A model made of trainable and frozen submodules.
 
     `trainable_names` are the submodules the optimiser updates (and DDP wraps);
-    `frozen_names` stay frozen and in eval mode even after `.train()`.
+    `frozen_names` get no gradient and stay in eval mode even after `.train()`, except those in
+    `frozen_in_train_mode`, which follow the composite's mode (the frozen LLM's dropout is active in
+    training in the reference, which freezes its parameters but never calls `eval()` on it).
     """
 
     trainable_names: tuple[str, ...] = ()
     frozen_names: tuple[str, ...] = ()
+    frozen_in_train_mode: tuple[str, ...] = ()
 
     def train(self, mode: bool = True) -> "Composite":
         super().train(mode)
         for name in self.frozen_names:
             module = getattr(self, name, None)  # optional frozen parts (e.g. no P-Former) are None
             if module is not None:
-                module.eval()
+                module.train(mode and name in self.frozen_in_train_mode)
         return self
 
     def trainable_parameters(self):

@@ -22,6 +22,7 @@ class PFormerLossWeights:
     contrastive_views: int = 1
     label_smoothing: float = 0.1
     mask_prob: float = 0.25
+    gather_with_grad: bool = False  # see app.train.dist.gather_features
 
 
 class PFormerLM(Composite):
@@ -29,8 +30,10 @@ class PFormerLM(Composite):
     frozen_names = ("llm",)
 
     def __init__(self, pformer: PFormer, llm: FrozenLLM, weights: PFormerLossWeights,
-                 mask_token_id: int, protected_ids: tuple[int, ...]):
+                 mask_token_id: int, protected_ids: tuple[int, ...], llm_dropout: bool = True):
         super().__init__()
+        # model.llm_dropout_in_training: the frozen LLM's own dropout in training forwards (the reference's).
+        self.frozen_in_train_mode = ("llm",) if llm_dropout else ()
         self.pformer = pformer
         self.llm = llm
         self.weights = weights
@@ -66,10 +69,11 @@ class PFormerLM(Composite):
         if w.contrastive_weight > 0:
             first, second = out.features[:batch_size], out.features[-batch_size:]  # (B, C) each
             offset = dist.rank() * batch_size
-            loss = contrastive_loss(first, dist.gather_with_grad(second), out.temp, offset, w.label_smoothing)
+            loss = contrastive_loss(first, dist.gather_features(second, w.gather_with_grad), out.temp, offset,
+                                    w.label_smoothing)
             if w.contrastive_views == 2:
-                loss = 0.5 * (loss + contrastive_loss(second, dist.gather_with_grad(first), out.temp,
-                                                      offset, w.label_smoothing))
+                loss = 0.5 * (loss + contrastive_loss(second, dist.gather_features(first, w.gather_with_grad),
+                                                      out.temp, offset, w.label_smoothing))
             losses["contrastive_loss"] = loss
             total = total + w.contrastive_weight * loss
 

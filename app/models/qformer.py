@@ -11,7 +11,13 @@ Text runs through the same self-attention layers with its own FFN. Three ways to
 
 `from_bert` initialises every shared weight from a BERT checkpoint (bert-base-uncased in the paper):
 self-attention, both FFNs (query and text copies), embeddings and the MLM head transform; the
-cross-attention layers, queries and heads start fresh, as in BLIP-2.
+cross-attention layers, queries and heads start fresh, as in BLIP-2. Embedding rows BERT does not have
+([DEC]) start as BERT initialises its rows: normal with std `initializer_range` (0.02).
+
+`ln_vision=True`: BLIP-2's `ln_vision`, a LayerNorm over the image tokens (identity at the start), is part
+of the Q-Former and trained with it in stages 1 and 2; the frozen encoder then hands over the tokens
+before the tower's own final LayerNorm (`app.models.vision`). Export writes it as the tower's
+`post_layernorm`. Q-Formers saved before it existed (`ln_vision` absent) use the tower's frozen LayerNorm.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ DEC_TOKEN = "[DEC]"
 class QFormer(nn.Module):
     def __init__(self, config: Blip2QFormerConfig, num_query_tokens: int, llm_dim: int, bos_token_id: int,
                  contrastive_dim: int = 256, temp_init: float = 0.07, num_frames: int = 0,
-                 frame_pooling: str = "concat"):
+                 frame_pooling: str = "concat", ln_vision: bool = False):
         super().__init__()
         if not config.use_qformer_text_input:
             raise ValueError("the Q-Former needs use_qformer_text_input=True (text FFN for ITC/ITM/ITG)")
@@ -48,6 +54,8 @@ class QFormer(nn.Module):
         self.bos_token_id = bos_token_id
         self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, hidden) * config.initializer_range)
         self.embeddings = Blip2TextEmbeddings(config)
+        for table in (self.embeddings.word_embeddings, self.embeddings.position_embeddings):
+            nn.init.normal_(table.weight, std=config.initializer_range)  # BERT's init, not nn.Embedding's N(0, 1)
         self.bert = Blip2QFormerModel(config)
         self.vision_proj = nn.Linear(hidden, contrastive_dim)
         self.text_proj = nn.Linear(hidden, contrastive_dim)
@@ -64,13 +72,16 @@ class QFormer(nn.Module):
         self.num_frames, self.frame_pooling = num_frames, frame_pooling
         if num_frames:
             self.frame_position = nn.Parameter(torch.zeros(num_frames, 1, config.encoder_hidden_size))
+        # BLIP-2's ln_vision (torch's default init: weight 1, bias 0; eps 1e-5 as LAVIS's LayerNorm).
+        self.ln_vision = nn.LayerNorm(config.encoder_hidden_size) if ln_vision else None
 
     # ------------------------------------------------------------------ construction and saving
 
     @classmethod
     def from_bert(cls, name_or_path: str, *, num_query_tokens: int, encoder_hidden_size: int, llm_dim: int,
                   cross_attention_frequency: int = 2, contrastive_dim: int = 256, temp_init: float = 0.07,
-                  dropout: Optional[float] = None, num_frames: int = 0, frame_pooling: str = "concat"):
+                  dropout: Optional[float] = None, num_frames: int = 0, frame_pooling: str = "concat",
+                  ln_vision: bool = False):
         """A Q-Former initialised from a BERT checkpoint; returns (qformer, tokenizer with [DEC])."""
         from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
@@ -88,7 +99,7 @@ class QFormer(nn.Module):
             pad_token_id=bert_config.pad_token_id or 0, cross_attention_frequency=cross_attention_frequency,
             encoder_hidden_size=encoder_hidden_size, use_qformer_text_input=True)
         model = cls(config, num_query_tokens, llm_dim, tokenizer.bos_token_id, contrastive_dim, temp_init,
-                    num_frames, frame_pooling)
+                    num_frames, frame_pooling, ln_vision)
         verbosity = transformers_logging.get_verbosity()
         transformers_logging.set_verbosity_error()  # a BERT saved without its MLM head is fine: the head starts fresh
         try:
@@ -141,7 +152,8 @@ class QFormer(nn.Module):
     def heads_config(self) -> dict:
         return {"num_query_tokens": self.num_query_tokens, "llm_dim": self.llm_dim,
                 "bos_token_id": self.bos_token_id, "contrastive_dim": self.text_proj.out_features,
-                "num_frames": self.num_frames, "frame_pooling": self.frame_pooling}
+                "num_frames": self.num_frames, "frame_pooling": self.frame_pooling,
+                "ln_vision": self.ln_vision is not None}
 
     def save_architecture(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -153,6 +165,9 @@ class QFormer(nn.Module):
     def from_architecture(cls, directory: str | Path, dropout: Optional[float] = None) -> "QFormer":
         directory = Path(directory)
         heads = json.loads((directory / HEADS_FILE).read_text())
+        if "ln_vision" not in heads:
+            logger.warning("%s: a Q-Former saved before the trainable ln_vision existed: it reads the vision tower's "
+                           "own frozen final LayerNorm (model.train_ln_vision=false)", directory)
         config = Blip2QFormerConfig.from_pretrained(directory)
         if dropout is not None:
             config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
@@ -160,6 +175,7 @@ class QFormer(nn.Module):
 
     def freeze_text_side(self) -> None:
         """Stage 2 uses only the query path: the text FFN, embeddings and stage-1 heads get no gradient."""
+        # (ln_vision, when present, stays trainable: BLIP-2 trains it in stage 2 too.)
         for module in (self.embeddings, self.vision_proj, self.text_proj, self.itm_head, self.lm_transform):
             module.requires_grad_(False)
         self.lm_bias.requires_grad_(False)
@@ -174,7 +190,10 @@ class QFormer(nn.Module):
         """The cross-attention memory (B, M, D_vision). Image tokens (B, N, D) pass as they are in an image
         Q-Former; frame tokens (B, T, N, D) get the temporal position embedding and are concatenated
         (M = T*N) or averaged over frames (M = N). An image is a one-frame clip: (B, N, D) in a video
-        Q-Former is frame 0 of 1; (B, 1, N, D) in an image Q-Former is the image."""
+        Q-Former is frame 0 of 1; (B, 1, N, D) in an image Q-Former is the image. The trainable ln_vision,
+        when present, normalises every token first (in float32, as LAVIS's LayerNorm)."""
+        if self.ln_vision is not None:
+            image_embeds = self.ln_vision(image_embeds.float()).to(image_embeds.dtype)
         if image_embeds.dim() == 3:
             if not self.num_frames:
                 return image_embeds

@@ -1,10 +1,14 @@
-"""The frozen image encoder: any Hugging Face vision tower, followed by a LayerNorm over its tokens.
+"""The frozen image encoder: any Hugging Face vision tower, with or without its final LayerNorm over the tokens.
 
 `model.vision` names a vision tower (`Blip2VisionModel`, `CLIPVisionModel`, `SiglipVisionModel`, ...)
 or a model that holds one (the full `Salesforce/blip2-opt-2.7b` or `openai/clip-vit-large-patch14`:
 the vision part is loaded, the rest is not). BLIP-2's `ln_vision` is the tower's own post-LayerNorm
 where the tower applies it to every token (Blip2VisionModel), the tower's `post_layernorm` where it
-keeps it for the pooled output only (CLIP, SigLIP), or a parameter-free LayerNorm otherwise. The
+keeps it for the pooled output only (CLIP, SigLIP), or a parameter-free LayerNorm otherwise. That is
+the `final_layernorm=True` encoder (model.train_ln_vision=false). BLIP-2 itself trains a fresh `ln_vision`
+with the Q-Former (only the ViT is frozen): with `final_layernorm=False` (the default of the stages) the
+encoder returns the tokens before that final LayerNorm (Blip2VisionModel's `post_layernorm` is dropped
+from the tower) and the Q-Former applies its own trainable `ln_vision` (`app.models.qformer`). The
 encoder takes uint8 HWC pixels and normalises them with the mean/std of the tower's image processor.
 Everything here is frozen and stays in eval mode.
 """
@@ -117,27 +121,39 @@ class VisionEncoder(nn.Module):
     """uint8 pixels (B, S, S, 3) -> image tokens (B, N, D); clips (B, T, S, S, 3) -> (B, T, N, D), every
     frame through the same tower. Frozen."""
 
-    def __init__(self, tower: nn.Module, mean, std, layernorm: Optional[nn.Module] = None):
+    def __init__(self, tower: nn.Module, mean, std, layernorm: Optional[nn.Module] = None,
+                 final_layernorm: bool = True):
         super().__init__()
         self.tower = tower
         self.layernorm = layernorm if layernorm is not None else nn.Identity()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.final_layernorm = final_layernorm  # False: tokens before the final LayerNorm (see from_pretrained)
         freeze(self)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype = torch.float32) -> "VisionEncoder":
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype = torch.float32,
+                        final_layernorm: bool = True) -> "VisionEncoder":
+        """final_layernorm=False: the tokens before the tower's final LayerNorm (for a trainable ln_vision)."""
+        mean, std = normalisation(name_or_path)
+        return cls.from_tower(load_tower(name_or_path, dtype), mean, std, final_layernorm)
+
+    @classmethod
+    def from_tower(cls, tower: nn.Module, mean, std, final_layernorm: bool = True) -> "VisionEncoder":
         from transformers import Blip2VisionModel, InstructBlipVisionModel
 
-        tower = load_tower(name_or_path, dtype)
-        if isinstance(tower, (Blip2VisionModel, InstructBlipVisionModel)):
+        applies_to_every_token = isinstance(tower, (Blip2VisionModel, InstructBlipVisionModel))
+        if not final_layernorm:
+            if applies_to_every_token:
+                tower.post_layernorm = nn.Identity()  # applied to every token inside the tower: taken out
+            return cls(tower, mean, std, final_layernorm=False)
+        if applies_to_every_token:
             layernorm = None  # their last_hidden_state already went through post_layernorm (BLIP-2's ln_vision)
         else:
             inner = getattr(tower, "vision_model", tower)
             layernorm = getattr(inner, "post_layernorm", None)
             if layernorm is None:
                 layernorm = nn.LayerNorm(tower.config.hidden_size, elementwise_affine=False)
-        mean, std = normalisation(name_or_path)
         return cls(tower, mean, std, layernorm)
 
     @property

@@ -18,13 +18,43 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+class _GatherLayer(torch.autograd.Function):
+    """all_gather whose backward sums every worker's gradient for each part (LAVIS's `GatherLayer`). Used
+    instead of `torch.distributed.nn.functional.all_gather`, whose gloo backward (all-to-all) returned
+    wrong gradients here when one step gathers two tensors (ITC's image and text features)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor):
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack(grads).contiguous()
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        return stacked[dist.get_rank()]
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` from every worker along dim 0; gradients flow back to each worker's part."""
     if not is_distributed():
         return tensor
-    from torch.distributed.nn.functional import all_gather
+    return torch.cat(_GatherLayer.apply(tensor), dim=0)
 
-    return torch.cat(all_gather(tensor), dim=0)
+
+def gather_features(tensor: torch.Tensor, with_grad: bool = False) -> torch.Tensor:
+    """The columns of a contrastive similarity matrix: `tensor` from every worker, concatenated along dim 0.
+
+    with_grad=False is the reference's `concat_all_gather` (`torch.distributed.all_gather`): the gathered
+    side carries no gradient, the local part included, so each term trains only through its local rows.
+    It is detached in a single process too, so one worker trains as N workers do (the reference itself
+    returns the tensor unchanged, with its gradient, on one GPU). with_grad=True: gradients flow back to
+    every worker's features (`gather_with_grad`).
+    """
+    if with_grad:
+        return gather_with_grad(tensor)
+    return gather(tensor.detach())
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from app.data.stats import DataError, read_counts, read_examples, skipped_proble
 from app.stages import get_stage, trim_padding
 from app.train import dist
 from app.train.checkpoint import TrainerState, load_trainable, load_training_state, save_checkpoint
-from app.train.optim import build_optimizer, build_scheduler
+from app.train.optim import build_optimizer, build_scheduler, set_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +210,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # 3. Epochs over the streamed shard until max_steps.
     while state.epoch < cfg.train.epochs and state.step < cfg.train.max_steps:
+        set_epoch(scheduler, state.epoch)
         skip = state.batches_in_epoch
         batches = shard.iter_torch_batches(
             batch_size=cfg.train.batch_size_per_worker, drop_last=True,
