@@ -132,13 +132,13 @@ def identity_mismatch(cache: dict[str, Any], run: dict[str, Any]) -> Optional[st
     if cache.get("kind") != run.get("kind"):
         return f"a '{cache.get('kind')}' cache where a '{run.get('kind')}' one was expected"
     if run.get("kind") == "features":
+        for key, value in run["transform"].items():
+            if (cache.get("transform") or {}).get(key) != value:
+                return f"transform: the cache has {key}={cache['transform'].get(key)!r}, this run needs {value!r}"
         made, now = cache.get("vision") or {}, run["vision"]
         if made.get("sha256") != now["sha256"]:
             return (f"image encoder: the cache was made with {made.get('uri')} (weights sha256 {_short(made.get('sha256'))}), "
                     f"this run's model.vision is {now['uri']} (sha256 {_short(now['sha256'])})")
-        for key, value in run["transform"].items():
-            if (cache.get("transform") or {}).get(key) != value:
-                return f"transform: the cache has {key}={cache['transform'].get(key)!r}, this run needs {value!r}"
     for key, value in run["captions"].items():
         made_value = (cache.get("captions") or {}).get(key)
         if made_value != value:

@@ -159,6 +159,9 @@ def test_cached_and_live_losses_agree(kind, dtype, stage0, tiny_models, tiny_vis
     assert torch.equal(live["qformer_ids"], cached["qformer_ids"])  # the same captions, in the same order
     torch.manual_seed(0)
     stage1 = get_stage("qformer").build_model(cfg).eval()
+    with torch.no_grad():  # a trained ln_vision: the cache holds the tokens before it, so it stays valid
+        stage1.qformer.ln_vision.weight.uniform_(0.5, 1.5)
+        stage1.qformer.ln_vision.bias.uniform_(-0.5, 0.5)
     stage2 = LLMPretrain(stage1.vision, stage1.qformer, FrozenLLM.from_pretrained(tiny_models["opt"]), stage1.pformer,
                          Stage2Weights()).eval()
     tolerance = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}[dtype]
@@ -200,6 +203,13 @@ def test_a_cache_of_other_models_is_refused_by_name(ray_session, stage0, flickr_
         check(f"model.vision={tiny_vision['clip']}")
     with pytest.raises(CacheError, match=r"transform: the cache has image_size=32, this run needs 48"):
         check("data.image_size=48")
+    # The cache keeps the tokens before the tower's final LayerNorm (a trainable ln_vision follows).
+    with pytest.raises(CacheError, match=r"transform: the cache has tokens=\"before the tower's final LayerNorm\", "
+                                         r"this run needs \"after the tower's frozen final LayerNorm\""):
+        check("model.train_ln_vision=false")
+    with pytest.raises(CacheError, match=r"captions: the cache holds captions normalised with data.caption_style='blip', "
+                                         r"this run uses data.caption_style='raw'"):
+        check("data.caption_style=raw")
     # A P-Former with one weight changed (same architecture, same path layout): refused by its weights.
     other = tmp_path / "other-pformer"
     shutil.copytree(stage0["opt"]["checkpoint"], other)

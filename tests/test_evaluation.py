@@ -322,6 +322,9 @@ def test_export_round_trip_generates_the_same_ids(chains, kind, tmp_path):
         return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad)
 
     assert torch.equal(padded(got), padded(expected)), (got, expected)
+    # BLIP-2's trained ln_vision is the exported tower's post_layernorm.
+    for name in ("weight", "bias"):
+        assert torch.equal(getattr(hf.vision_model.post_layernorm, name), getattr(ours.qformer.ln_vision, name))
     # The LLM's generation defaults travel with the model: the project's stop ids and BLIP-2's lengths.
     defaults = hf.language_model.generation_config
     assert list(np.atleast_1d(defaults.eos_token_id)) == ours.stop_token_ids()

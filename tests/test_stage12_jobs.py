@@ -114,6 +114,74 @@ def check_chain(stage0, stage1, stage2, mlflow_uri):
     assert stage2_manifest["init_from"]["qformer"] == stage1["checkpoint"]
     assert stage2_manifest["frozen"]["pformer"] == stage0["checkpoint"]
     assert stage1_manifest["align_weight"] == 10 and stage2_manifest["align_weight"] == 100
+    check_ln_vision(stage1, stage2, stage1_manifest, stage2_manifest)
+
+
+def check_ln_vision(stage1, stage2, stage1_manifest, stage2_manifest):
+    """BLIP-2's ln_vision trains in stage 1 (from identity), reaches stage 2's first step unchanged and trains
+    on there; the frozen tower's own final LayerNorm is not used."""
+    import torch
+
+    from app.stages import get_stage
+
+    assert stage1_manifest["ln_vision"] is True and stage2_manifest["ln_vision"] is True
+    first, first_dir = checkpoint_weights(stage1["checkpoint"], stage1)
+    last, last_dir = checkpoint_weights(stage2["checkpoint"], stage2)
+    trained = first["qformer.ln_vision.weight"]
+    assert not torch.allclose(trained, torch.ones_like(trained))  # moved from its identity init
+    cfg = load_config(f"{last_dir}/config.yaml")
+    assert cfg.init_from.qformer == stage1["checkpoint"]
+    start = get_stage("llm").build_model(cfg, s3_options(stage2))  # stage 2 as it starts
+    assert start.vision.final_layernorm is False
+    for name in ("weight", "bias"):
+        assert torch.equal(getattr(start.qformer.ln_vision, name), first[f"qformer.ln_vision.{name}"])
+    assert not torch.equal(last["qformer.ln_vision.weight"], trained)  # trained again in stage 2
+
+
+def checkpoint_weights(uri, summary):
+    from safetensors.torch import load_file
+
+    from app import storage
+
+    local = storage.local_model(uri, s3_options(summary), only=("model.safetensors", "manifest.json", "config.yaml"))
+    return load_file(f"{local}/model.safetensors"), local
+
+
+def strip_ln_vision(checkpoint, out):
+    """A copy of a stage-1/2 checkpoint as saved before the trainable ln_vision existed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(checkpoint, out)
+    weights = load_file(out / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".ln_vision." not in k}, out / "model.safetensors")
+    heads = json.loads((out / "qformer" / "qformer_heads.json").read_text())
+    del heads["ln_vision"]
+    (out / "qformer" / "qformer_heads.json").write_text(json.dumps(heads))
+    return out
+
+
+def test_checkpoints_from_before_ln_vision_load_with_the_frozen_layernorm(chains, tmp_path, capsys, caplog):
+    from app import storage
+    from app.evaluation.model import TrainedBLIP2
+    from app.stages import get_stage
+
+    chain = chains["opt"]
+    old1 = strip_ln_vision(chain["stage1"]["checkpoint"], tmp_path / "old-stage1")
+    old2 = strip_ln_vision(chain["stage2"]["checkpoint"], tmp_path / "old-stage2")
+    cfg = load_config(old2 / "config.yaml", [f"init_from.qformer={old1}"])
+    assert cfg.model.train_ln_vision is True  # today's default ...
+    resolved = get_stage("llm").validate(cfg, storage.S3Options())
+    assert resolved.model.train_ln_vision is False  # ... follows what the stage-1 checkpoint was trained with
+    assert "model.train_ln_vision=false, as the stage-1 Q-Former was trained (on the tower's frozen final " \
+           "LayerNorm)" in capsys.readouterr().out
+    model = get_stage("llm").build_model(resolved)
+    assert model.qformer.ln_vision is None and model.vision.final_layernorm is True
+    with caplog.at_level("WARNING"):
+        trained = TrainedBLIP2.from_checkpoint(str(old2), device="cpu")
+    assert "saved before the trainable ln_vision existed" in caplog.text
+    assert trained.qformer.ln_vision is None and trained.vision.final_layernorm is True
 
 
 def read_manifest(uri, summary):
