@@ -289,10 +289,10 @@ class QFormerStage(ImageTextStage):
         llm_dim = llm_embed_dim(storage.local_model(cfg.model.llm, s3))
         cfg.init_from.pformer = self._check_pformer(cfg, cfg.init_from.pformer, llm_dim, s3)
         cfg.loss.align_weight = cfg.loss.align_weight_for(self.name)
-        self._check_cache(cfg, s3)
         if cfg.loss.itc_same_image_positives and cfg.data.train_features:
             raise ConfigError("loss.itc_same_image_positives needs the image ids of data.train shards; a feature cache "
                               "(data.train_features) does not carry them")
+        self._check_cache(cfg, s3)
         if cfg.loss.itm_weight > 0 and cfg.train.batch_size_per_worker * cfg.scaling.num_workers < 2:
             raise ConfigError("train.batch_size_per_worker: ITM draws negatives from the global batch, which needs "
                               "at least 2 samples")

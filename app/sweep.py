@@ -41,13 +41,13 @@ UNUSED_BY_STAGE = {
                 "model.vision", "model.vision_dtype", "model.qformer", "model.cross_attention_freq", "model.prompt",
                 "init_from.pformer", "init_from.qformer", "loss.align_weight", "loss.itc_weight",
                 "loss.itm_weight", "loss.itg_weight", "data.num_frames", "data.train_features", "model.frame_pooling",
-                "cache"),
+                "model.train_ln_vision", "loss.itc_same_image_positives", "cache"),
     "qformer": ("data.text", "data.text_format", "data.text_column", "model.prompt", "init_from.qformer",
                 "loss.lm_weight", "loss.contrastive_weight", "loss.vocab_weight", "loss.contrastive_views",
-                "loss.mask_prob", "cache"),
+                "loss.mask_prob", "model.llm_dropout_in_training", "cache"),
     "llm": ("data.text", "data.text_format", "data.text_column", "loss.contrastive_weight", "loss.vocab_weight",
             "loss.contrastive_views", "loss.mask_prob", "loss.itc_weight", "loss.itm_weight", "loss.itg_weight",
-            "cache"),
+            "loss.gather_with_grad", "loss.itc_same_image_positives", "model.train_ln_vision", "cache"),
 }
 # What a stage sweep ranks trials by unless --metric says otherwise: the stage's main loss without the
 # alignment term, so trials with different align weights compare on the same quantity.

@@ -5,7 +5,8 @@ Reading never fails on a bad sample: each raw row carries its key, shard, image 
 or the reason it is unusable (`truncated_shard`, `no_image`, `bad_json`). Preprocessing, in
 `map_batches` on CPU, decodes and converts images (grayscale, CMYK, palette and alpha images become
 RGB; alpha is composited on white), applies the transform (train: random resized crop + horizontal
-flip; eval: resize), picks and cleans a caption and tokenizes it for the Q-Former, the P-Former and,
+flip; eval: resize), picks a caption, normalises it (`data.caption_style`: BLIP's `pre_caption` by
+default, see `app.data.text.normalise_caption`) and tokenizes it for the Q-Former, the P-Former and,
 in stage 2, the LLM. Unusable samples are counted by reason, with a few (shard, key) examples, and
 dropped. Images leave as uint8 HWC arrays (a quarter of float32's bytes); the vision encoder
 normalises them on the device.

@@ -1,4 +1,4 @@
-"""Freezing frozen parts, and a composite base class that keeps them in eval mode."""
+"""Freezing frozen parts, and a composite base class that keeps them in eval mode (unless it says otherwise)."""
 
 from __future__ import annotations
 

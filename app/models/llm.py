@@ -1,7 +1,8 @@
 """The frozen LLM behind a soft prompt: decoder-only (OPT-style) or encoder-decoder (T5-style).
 
-Loaded by Hugging Face id or local path through the Auto classes, frozen, and kept in eval mode.
-It returns logits; losses live in `app.losses`.
+Loaded by Hugging Face id or local path through the Auto classes and frozen (no gradient). A training
+composite may run it in train mode (its own dropout, `model.llm_dropout_in_training`, as the reference);
+otherwise it stays in eval mode. It returns logits; losses live in `app.losses`.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 `model.vision` names a vision tower (`Blip2VisionModel`, `CLIPVisionModel`, `SiglipVisionModel`, ...)
 or a model that holds one (the full `Salesforce/blip2-opt-2.7b` or `openai/clip-vit-large-patch14`:
-the vision part is loaded, the rest is not). BLIP-2's `ln_vision` is the tower's own post-LayerNorm
-where the tower applies it to every token (Blip2VisionModel), the tower's `post_layernorm` where it
-keeps it for the pooled output only (CLIP, SigLIP), or a parameter-free LayerNorm otherwise. That is
-the `final_layernorm=True` encoder (model.train_ln_vision=false). BLIP-2 itself trains a fresh `ln_vision`
+the vision part is loaded, the rest is not). With `final_layernorm=True` (model.train_ln_vision=false)
+the tokens leave through the tower's own final LayerNorm, frozen: its post-LayerNorm where the tower
+applies it to every token (Blip2VisionModel), its `post_layernorm` where it keeps it for the pooled
+output only (CLIP, SigLIP), or a parameter-free LayerNorm otherwise. BLIP-2 itself trains a fresh `ln_vision`
 with the Q-Former (only the ViT is frozen): with `final_layernorm=False` (the default of the stages) the
 encoder returns the tokens before that final LayerNorm (Blip2VisionModel's `post_layernorm` is dropped
 from the tower) and the Q-Former applies its own trainable `ln_vision` (`app.models.qformer`). The
