@@ -92,17 +92,20 @@ def test_make_shards_per_file_to_s3_and_bad_inputs(ray_session, tmp_path, s3_end
 # chained runs: stage 0 -> 1 -> 2
 
 
-def check_chain(stage0, stage1, stage2, mlflow_uri):
+def check_chain(stage0, stage1, stage2, mlflow_uri, stage2_lm_falls=True):
     # Every loss term is logged separately, from step 0 (validation before training) on.
     for key in ("itc_loss", "itm_loss", "itg_loss", "align_loss", "align_mse", "loss"):
         assert history(mlflow_uri, stage1["mlflow_run_id"], key), key
     for key in ("lm_loss", "align_loss", "align_mse", "loss"):
         assert history(mlflow_uri, stage2["mlflow_run_id"], key), key
     # The main loss falls in each stage, measured on fixed validation samples (eval transforms).
-    for summary, key in ((stage1, "val_loss"), (stage2, "val_lm_loss")):
+    for summary, key in ((stage1, "val_loss"), (stage2, "val_lm_loss" if stage2_lm_falls else "val_loss")):
         curve = history(mlflow_uri, summary["mlflow_run_id"], key)
         assert curve[0][0] == 0 and curve[-1][0] == summary["step"]
         assert curve[-1][1] < curve[0][1] - 0.02, (summary["stage"], curve)
+    if not stage2_lm_falls:  # ... and the LM loss does not drift
+        curve = history(mlflow_uri, stage2["mlflow_run_id"], "val_lm_loss")
+        assert curve[-1][1] < curve[0][1] + 0.05, curve
     # Stage 2 starts from exactly where stage 1 ended: same prompts, same P-Former targets, same samples.
     end_of_stage1 = history(mlflow_uri, stage1["mlflow_run_id"], "val_align_mse")[-1][1]
     start_of_stage2 = history(mlflow_uri, stage2["mlflow_run_id"], "val_align_mse")[0][1]
@@ -210,7 +213,12 @@ def test_chain_t5_from_s3_shards_and_checkpoints(chains, stage0):
     stage1["s3_endpoint"] = stage2["s3_endpoint"] = chain["s3_endpoint"]
     assert stage1["checkpoint"].startswith(chain["storage"]) and stage2["checkpoint"].startswith(chain["storage"])
     assert chain["storage"].startswith("s3://")
-    check_chain(stage0["t5"], stage1, stage2, chain["mlflow_uri"])
+    # With the reference's training (frozen T5 dropout on, BLIP captions, gathered features without gradient)
+    # the tiny random T5-style LLM's stage-2 LM loss stays flat over 150 steps (4.52 -> 4.52; 4.57 -> 4.41
+    # under the old defaults): its small P-Former's prompts are far from the Q-Former's (align_mse 0.10 after
+    # stage 1), so the 100x alignment term is what stage 2 trains. The total must fall, the LM loss not drift;
+    # the OPT chain checks that the LM loss itself falls.
+    check_chain(stage0["t5"], stage1, stage2, chain["mlflow_uri"], stage2_lm_falls=False)
 
 
 # ---------------------------------------------------------------------------------------------
