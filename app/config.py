@@ -108,6 +108,10 @@ class DataSection(_Section):
     train_features: Optional[str] = Field(
         None, description="Stages 1-2: a frozen-feature cache written by jobs.cache_features (folder or s3:// prefix), "
                           "read in place of data.train; refused when its manifest does not match this run's models.")
+    train_pictures: Optional[int] = Field(
+        None, gt=0, description="Stages 1-2: train on the first N pictures of data.train only (shard files by name, "
+                                "samples in file order; all captions of each), e.g. to measure how the result "
+                                "scales with image-text pairs; None = every picture.")
     image_format: Literal["auto", "webdataset", "parquet"] = "auto"
     image_column: str = Field("image", min_length=1, description="Parquet column with the encoded image bytes.")
     caption_column: str = Field("caption", min_length=1, description="Parquet column / WebDataset .json field with the caption.")

@@ -49,6 +49,9 @@ class PipelineSection(BaseModel):
     min_new_tokens: int = Field(8, ge=0)
     eval_batch_size: int = Field(32, ge=1)
     random_baseline_seed: int = 0
+    stage0_checkpoint: Optional[str] = Field(
+        None, description="A finished stage-0 checkpoint (or run folder) for the P-Former arm, used in place of "
+                          "training one (e.g. one P-Former for many stage-1/2 runs).")
 
 
 class PipelineConfig(BaseModel):
@@ -230,7 +233,8 @@ def run_pipeline(config: PipelineConfig, out_dir: Optional[str] = None, parent_r
 
         client.log_batch(parent, params=[Param(k, str(v)[:500]) for k, v in sorted(params.items())])
     out = Path(out_dir or Path("outputs") / invocation)
-    plan = (["stage0"] if "pformer" in p.arms else []) + [f"{arm}:{s}" for arm in p.arms for s in
+    train_stage0 = "pformer" in p.arms and not p.stage0_checkpoint
+    plan = (["stage0"] if train_stage0 else []) + [f"{arm}:{s}" for arm in p.arms for s in
                                                           ("stage1", "stage2", "eval")]
     done = 0
 
@@ -242,9 +246,12 @@ def run_pipeline(config: PipelineConfig, out_dir: Optional[str] = None, parent_r
     status = "FAILED"
     try:
         stage0 = None
-        if "pformer" in p.arms:
+        if train_stage0:
             progress("stage 0: P-Former on text")
             stage0 = run_stage(config.stage_config("stage0", **{"run.name": f"{invocation}-stage0"}), parent)
+        elif "pformer" in p.arms:
+            stage0 = {"stage": "pformer", "checkpoint": p.stage0_checkpoint, "reused": True}
+            client.set_tag(parent, "stage0_checkpoint", p.stage0_checkpoint)
         results: dict[str, dict] = {}
         rows_for_baseline: list[dict] = []
         for arm in p.arms:
@@ -297,7 +304,8 @@ def run_pipeline(config: PipelineConfig, out_dir: Optional[str] = None, parent_r
         status = "FINISHED"
     finally:
         tracking.end_run(uri, parent, status)
-    print(f"[pipeline] done in {summary['seconds']:.0f} s; comparison (caption metrics on the validation images):")
+    print(f"[pipeline] done in {summary['seconds']:.0f} s; comparison (caption metrics on "
+          f"{p.eval_data or 'the validation images'}):")
     print(text)
     print(f"[pipeline] outputs in {out}; browse the runs: {tracking.ui_command(uri)}")
     return summary

@@ -202,6 +202,20 @@ class ImageTextStage:
                     raise ConfigError(f"data.{key}: {err}") from None
         check_model_path("model.vision", cfg.model.vision, s3)
         check_model_path("model.llm", cfg.model.llm, s3)
+        self.picture_subset(cfg, s3)
+
+    def picture_subset(self, cfg: Config, s3: storage.S3Options) -> Optional[image_data.PictureSubset]:
+        """data.train_pictures: the pictures this run trains on (None: all of data.train)."""
+        if cfg.data.train_pictures is None:
+            return None
+        if cfg.data.train_features:
+            raise ConfigError("data.train_pictures selects pictures of data.train shards; a feature cache "
+                              "(data.train_features) is read whole: cache the subset's shards instead")
+        try:
+            return image_data.first_pictures(cfg.data.train, cfg.data.train_pictures, cfg.data.image_format, s3,
+                                             cfg.data.caption_column, cfg.data.image_column)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"data.train_pictures: {err}") from None
 
     def _check_pformer(self, cfg: Config, uri: Optional[str], llm_dim: int, s3: storage.S3Options) -> Optional[str]:
         """Resolve and check the P-Former checkpoint the alignment loss needs (None when the weight is 0)."""
@@ -249,8 +263,11 @@ class ImageTextStage:
             train = cached_dataset(cfg.data.train_features, cfg, manifest, train=True, image_size=size,
                                    captions=cached_spec, counter=counter, s3=s3)
         else:
+            subset = self.picture_subset(cfg, s3)
+            if subset is not None:
+                print(f"[{self.name}] data.train_pictures={subset.count}: training on {subset.describe()}", flush=True)
             train = image_data.image_text_dataset(cfg.data.train, cfg, train=True, image_size=size, captions=spec,
-                                                  counter=counter, s3=s3)
+                                                  counter=counter, s3=s3, subset=subset)
         out = {"train": train}
         if cfg.data.val:
             rows = cfg.data.val_max_batches * cfg.train.batch_size_per_worker * cfg.scaling.num_workers

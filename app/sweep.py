@@ -38,7 +38,7 @@ KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 UNUSED_BY_STAGE = {
     "pformer": ("data.train", "data.val", "data.image_format", "data.image_column", "data.caption_column",
                 "data.image_size", "data.min_crop_scale", "data.horizontal_flip", "data.val_max_batches",
-                "model.vision", "model.vision_dtype", "model.qformer", "model.cross_attention_freq", "model.prompt",
+                "data.train_pictures", "model.vision", "model.vision_dtype", "model.qformer", "model.cross_attention_freq", "model.prompt",
                 "init_from.pformer", "init_from.qformer", "loss.align_weight", "loss.itc_weight",
                 "loss.itm_weight", "loss.itg_weight", "data.num_frames", "data.train_features", "model.frame_pooling",
                 "model.train_ln_vision", "loss.itc_same_image_positives", "cache"),

@@ -154,14 +154,19 @@ def _table(rows: list[dict]) -> pa.Table:
 class WebDatasetSource(FileBasedDatasource):
     """Streams WebDataset tar shards as raw sample rows (bytes undecoded), CHUNK_ROWS per block."""
 
-    def __init__(self, paths, *, caption_field: str, uri_prefix: str, chunk_rows: int = CHUNK_ROWS, **kwargs):
+    def __init__(self, paths, *, caption_field: str, uri_prefix: str, chunk_rows: int = CHUNK_ROWS,
+                 pictures: Optional[frozenset] = None, **kwargs):
         super().__init__(paths, **kwargs)
         self._caption_field = caption_field
         self._uri_prefix = uri_prefix
         self._chunk_rows = chunk_rows
+        self._pictures = pictures
 
     def _read_stream(self, f: "pa.NativeFile", path: str) -> Iterator[pa.Table]:
-        yield from in_blocks(iter_tar_samples(f, self._uri_prefix + path, self._caption_field), self._chunk_rows, _table)
+        rows = iter_tar_samples(f, self._uri_prefix + path, self._caption_field)
+        if self._pictures is not None:
+            rows = (r for r in rows if picture_name(r) in self._pictures)
+        yield from in_blocks(rows, self._chunk_rows, _table)
 
 
 def _image_bytes(value) -> Optional[bytes]:
@@ -170,7 +175,8 @@ def _image_bytes(value) -> Optional[bytes]:
     return value if isinstance(value, (bytes, bytearray)) and value else None
 
 
-def _parquet_to_rows(batch: pa.Table, image_column: str, caption_column: str, uri_prefix: str) -> pa.Table:
+def _parquet_to_rows(batch: pa.Table, image_column: str, caption_column: str, uri_prefix: str,
+                     pictures: Optional[frozenset] = None) -> pa.Table:
     n = batch.num_rows
     images = batch.column(image_column).to_pylist()
     captions = batch.column(caption_column).to_pylist()
@@ -185,17 +191,97 @@ def _parquet_to_rows(batch: pa.Table, image_column: str, caption_column: str, ur
                      "captions": [c for c in listed if isinstance(c, str)],
                      "problem": None if data is not None else "no_image", "ext": "",
                      "image_id": str(image_id) if image_id is not None else None})
+    if pictures is not None:
+        rows = [r for r in rows if picture_name(r) in pictures]
     return _table(rows)
+
+
+def picture_name(row: dict) -> str:
+    """What names a sample's picture: the shard's `image_id` (jobs.make_shards writes one per file, shared by
+    its captions' samples), else shard and key (every sample its own picture)."""
+    return row.get("image_id") or f"{row['shard']}/{row['key']}"
+
+
+@dataclass(frozen=True)
+class PictureSubset:
+    """The first `count` pictures of a shard set (see `first_pictures`)."""
+
+    uri: str
+    count: int
+    by_format: tuple[tuple[str, tuple[str, ...]], ...]  # the shard files holding them, per format
+    pictures: frozenset  # their `picture_name`s
+    samples: int         # samples of those pictures in those files
+    shards_total: int    # shard files at `uri`
+
+    def describe(self) -> str:
+        files = sum(len(paths) for _, paths in self.by_format)
+        return (f"the first {self.count} pictures ({self.samples} samples) of {self.uri}, "
+                f"in {files} of its {self.shards_total} shard file(s)")
+
+
+def _shard_rows(fs, fmt: str, path: str, prefix: str, caption_column: str, image_column: str) -> Iterator[dict]:
+    """The rows of one shard without decoding images (Parquet: the id columns only)."""
+    import pyarrow.parquet as pq
+
+    if fmt == "webdataset":
+        with fs.open_input_stream(path) as f:
+            yield from iter_tar_samples(f, prefix + path, caption_column)
+        return
+    names = pq.read_schema(path, filesystem=fs).names
+    ids = [c for c in ("key", "image_id") if c in names]
+    if not ids:
+        raise ValueError(f"{prefix}{path} has neither a 'key' nor an 'image_id' column: data.train_pictures needs "
+                         f"one to name the pictures")
+    table = pq.read_table(path, filesystem=fs, columns=ids)
+    for i, row in enumerate(table.to_pylist()):
+        yield {"key": str(row.get("key", i)), "shard": prefix + path, "problem": None,
+               "image_id": str(row["image_id"]) if row.get("image_id") is not None else None}
+
+
+@functools.lru_cache(maxsize=8)
+def first_pictures(uri: str, count: int, fmt: str = "auto", s3: Optional[storage.S3Options] = None,
+                   caption_column: str = "caption", image_column: str = "image") -> PictureSubset:
+    """The first `count` distinct pictures of the shards at `uri`, in a fixed order: shard files by name
+    (WebDataset before Parquet), samples in file order; unusable samples (no image, truncated shard) do
+    not count. Reads the shards in that order only until the count is reached (to the end of that shard).
+    Samples of the chosen pictures in later shards are not used (jobs.make_shards writes a picture's
+    captions next to each other). ValueError when the shards hold fewer pictures."""
+    fs, by_format = shard_files(uri, fmt, s3)
+    prefix = "s3://" if storage.is_s3(uri) else ""
+    pictures: set[str] = set()
+    chosen: dict[str, list[str]] = {}
+    samples = 0
+    for found, paths in sorted(by_format.items(), key=lambda item: item[0] != "webdataset"):
+        for path in sorted(paths):
+            if len(pictures) >= count:
+                break
+            names = [picture_name(r) for r in _shard_rows(fs, found, path, prefix, caption_column, image_column)
+                     if r.get("problem") is None]
+            fresh = list(dict.fromkeys(n for n in names if n not in pictures))[:count - len(pictures)]
+            if fresh:
+                pictures.update(fresh)
+                chosen.setdefault(found, []).append(path)
+                samples += sum(1 for n in names if n in pictures)
+    total = sum(len(p) for p in by_format.values())
+    if len(pictures) < count:
+        raise ValueError(f"data.train_pictures is {count} but the {total} shard file(s) at {uri} hold "
+                         f"{len(pictures)} usable pictures")
+    return PictureSubset(uri=uri, count=count, by_format=tuple((f, tuple(p)) for f, p in sorted(chosen.items())),
+                         pictures=frozenset(pictures), samples=samples, shards_total=total)
 
 
 def read_image_text(uri: str, *, fmt: str = "auto", image_column: str = "image", caption_column: str = "caption",
                     s3: storage.S3Options | None = None, shuffle_files: bool = True,
-                    chunk_rows: int = CHUNK_ROWS) -> ray.data.Dataset:
-    """Raw rows `{key, shard, image, captions, problem, ext}` of every shard under `uri`; WebDataset shards
-    come in blocks of `chunk_rows` samples."""
+                    chunk_rows: int = CHUNK_ROWS, subset: Optional[PictureSubset] = None) -> ray.data.Dataset:
+    """Raw rows `{key, shard, image, captions, problem, ext}` of every shard under `uri` (or, with `subset`,
+    only the samples of its pictures, read from its shard files); WebDataset shards come in blocks of
+    `chunk_rows` samples."""
     import pyarrow.parquet as pq
 
     fs, by_format = shard_files(uri, fmt, s3)
+    pictures = None
+    if subset is not None:
+        by_format, pictures = {f: list(p) for f, p in subset.by_format}, subset.pictures
     prefix = "s3://" if storage.is_s3(uri) else ""
     shuffle = "files" if shuffle_files else None
     parts = []
@@ -210,7 +296,7 @@ def read_image_text(uri: str, *, fmt: str = "auto", image_column: str = "image",
             ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, shuffle=shuffle).select_columns(
                 columns + ["path"])
             parts.append(ds.map_batches(_parquet_to_rows, batch_format="pyarrow", fn_kwargs=dict(
-                image_column=image_column, caption_column=caption_column, uri_prefix=prefix)))
+                image_column=image_column, caption_column=caption_column, uri_prefix=prefix, pictures=pictures)))
         else:
             # One read task per shard, streaming its samples (a read split into more blocks than files adds
             # a SplitBlocks step that holds a CPU slot of its own). A map_batches with a batch size is not
@@ -218,7 +304,7 @@ def read_image_text(uri: str, *, fmt: str = "auto", image_column: str = "image",
             # none, so their read and decode share one task (see image_text_dataset).
             parts.append(ray.data.read_datasource(WebDatasetSource(
                 paths, caption_field=caption_column, uri_prefix=prefix, chunk_rows=chunk_rows, filesystem=fs,
-                shuffle=shuffle),
+                shuffle=shuffle, pictures=pictures),
                 override_num_blocks=len(paths)))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
@@ -473,12 +559,13 @@ def image_id_number(row: dict) -> int:
 
 def image_text_dataset(uri: str, cfg, *, train: bool, image_size: int, captions: CaptionSpec, counter=None,
                        count_prefix: str = "", s3: Optional[storage.S3Options] = None,
-                       keep_text: bool = False) -> ray.data.Dataset:
-    """Shards at `uri` -> decoded, transformed, tokenized samples (see `preprocess_image_batch`)."""
+                       keep_text: bool = False, subset: Optional[PictureSubset] = None) -> ray.data.Dataset:
+    """Shards at `uri` -> decoded, transformed, tokenized samples (see `preprocess_image_batch`); `subset`:
+    only its pictures (`first_pictures`, data.train_pictures)."""
     video = bool(cfg.data.num_frames)
     raw = read_image_text(uri, fmt=cfg.data.image_format, image_column=cfg.data.image_column,
                           caption_column=cfg.data.caption_column, s3=s3, shuffle_files=train,
-                          chunk_rows=VIDEO_CHUNK_ROWS if video else CHUNK_ROWS)
+                          chunk_rows=VIDEO_CHUNK_ROWS if video else CHUNK_ROWS, subset=subset)
     # Clips: one batch per read block (VIDEO_CHUNK_ROWS clips). A map_batches with a batch size is never
     # fused with the read before it (Ray's fusion rule for ops that may change the row count); without
     # one, each shard's read and decoding run in one task, and every CPU slot decodes.

@@ -11,7 +11,7 @@ from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.demo.shapes import corpus, image_text_pairs, paraphrase_corpus
+from app.demo.shapes import corpus, draw, image_text_pairs, novel_scene_captions, paraphrase_corpus, scene_captions, scene_key
 from app.demo.vision import pretrain_demo_vision
 from app.models.tiny import build_tiny_vision, prepare_tiny_models
 
@@ -71,6 +71,45 @@ def prepare_image_assets(root: Path, num_train: int, num_val: int, seed: int, vi
     return paths
 
 
+TEST_CAPTIONS = 5  # references per held-out test picture (COCO's count): a steadier score than val's 2
+
+
+def prepare_test_pictures(root: Path, num_test: int, test_seed: int, num_train: int, num_val: int,
+                          seed: int) -> dict[str, str]:
+    """`<root>/shards/test`: `num_test` pictures drawn with `test_seed`, TEST_CAPTIONS captions each, whose
+    scenes (objects, background, relation: everything a caption can say) appear in neither the training
+    nor the validation pictures, nor twice; `<root>/shards/READY_test.json` records how many draws were
+    dropped for each reason."""
+    out = root / "shards" / "test"
+    ready = root / "shards" / "READY_test.json"
+    settings = {"num_test": num_test, "test_seed": test_seed, "num_train": num_train, "num_val": num_val,
+                "seed": seed, "captions": TEST_CAPTIONS, "size": IMAGE_SIZE, "version": 1}
+    if ready.exists() and json.loads(ready.read_text()).get("settings") == settings:
+        return {"test": str(out)}
+    exclude = {scene_key(scene) for scene, _ in scene_captions(num_train, seed=seed)}
+    exclude |= {scene_key(scene) for scene, _ in scene_captions(num_val, seed=seed + 1)}
+    drawn, dropped = novel_scene_captions(num_test, exclude, TEST_CAPTIONS, seed=test_seed)
+    print(f"[demo] drawing {num_test} held-out test pictures (seed {test_seed}; dropped {dropped} draws whose "
+          f"scene was already used)", flush=True)
+    import ray
+
+    from app.data.shards import load_captions_json, make_shards
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        listing = _write_images(root / "images" / "test", [(draw(scene), texts) for scene, texts in drawn])
+        make_shards(str(listing.parent), load_captions_json(listing), str(out), shard_size=500, per="file")
+    finally:
+        if started:
+            ray.shutdown()
+    two = sum(len(scene["objects"]) == 2 for scene, _ in drawn)
+    ready.write_text(json.dumps({"settings": settings, "dropped": dropped, "kept": num_test,
+                                 "excluded_scenes": len(exclude), "two_object_pictures": two}))
+    return {"test": str(out)}
+
+
 class DemoAssets(BaseModel):
     """The `demo` section of a pipeline config: what to generate before the stages run."""
 
@@ -83,6 +122,10 @@ class DemoAssets(BaseModel):
     vision_steps: int = Field(800, ge=0, description="Pre-training steps of the tiny image encoder (0: random).")
     llms: list[Literal["opt", "t5"]] = Field(default_factory=lambda: ["opt"], min_length=1,
                                              description="Tiny LLMs to prepare (t5 takes a few minutes).")
+    num_test_images: int = Field(0, ge=0, description="Held-out test pictures (shards/test; 0: none), each "
+                                                       "with a scene in neither the training nor the validation pictures.")
+    test_seed: int = Field(1000, description="Seed of the test pictures' drawing (the training pictures use `seed`, "
+                                             "validation `seed + 1`).")
     seed: int = 0
 
 
@@ -94,7 +137,7 @@ def asset_fingerprint(root: str | Path) -> dict[str, float]:
 
 def prepare_demo_assets(root: str | Path = DEFAULT_ROOT, num_lines: int = 50_000, num_train_images: int = 2000,
                         num_val_images: int = 200, seed: int = 0, llms: Sequence[str] = ("opt",),
-                        vision_steps: int = 800) -> dict[str, str]:
+                        vision_steps: int = 800, num_test_images: int = 0, test_seed: int = 1000) -> dict[str, str]:
     """`<root>/text/corpus.txt`, `<root>/models/{bert,vision}` + one folder per tiny LLM in `llms` (opt: a
     few seconds; t5: a few minutes, it needs more steps to learn to read its encoder) and
     `<root>/shards/{train,val}`. Prints what it builds; a call that finds everything in place prints one
@@ -113,6 +156,8 @@ def prepare_demo_assets(root: str | Path = DEFAULT_ROOT, num_lines: int = 50_000
                                  lm_steps={"opt": 1000, "t5": 1500}, lm_lines=paraphrase_corpus(num_lines, seed + 7),
                                  lm_max_len=64)
     images = prepare_image_assets(root, num_train_images, num_val_images, seed, vision_steps)
+    if num_test_images:
+        images.update(prepare_test_pictures(root, num_test_images, test_seed, num_train_images, num_val_images, seed))
     after = asset_fingerprint(root)
     print(f"[demo] reusing the assets prepared earlier in {shown}" if before and before == after else
           f"[demo] assets ready in {shown}", flush=True)

@@ -136,11 +136,47 @@ def draw(scene: dict, size: int = 96):
     return img
 
 
-def image_text_pairs(num_images: int, captions_per_image: int = 2, seed: int = 0):
-    """[(PIL image, [captions])]: the images are drawn from the same grammar the captions describe."""
+def scene_captions(num_images: int, captions_per_image: int = 2, seed: int = 0) -> list[tuple[dict, list[str]]]:
+    """[(scene, [captions])]: the scenes `image_text_pairs` draws, with the same seed, without drawing."""
     rng = random.Random(seed)
-    pairs = []
+    out = []
     for _ in range(num_images):
         scene = random_scene(rng)
-        pairs.append((draw(scene), [caption(scene, rng) for _ in range(captions_per_image)]))
-    return pairs
+        out.append((scene, [caption(scene, rng) for _ in range(captions_per_image)]))
+    return out
+
+
+def scene_key(scene: dict) -> str:
+    """What a scene's captions can describe (its objects, background and relation), as one string:
+    two pictures with the same key have interchangeable descriptions."""
+    import json
+
+    return json.dumps(scene, sort_keys=True)
+
+
+def novel_scene_captions(num_images: int, exclude: set[str], captions_per_image: int = 2,
+                         seed: int = 0) -> tuple[list[tuple[dict, list[str]]], dict[str, int]]:
+    """`num_images` scenes drawn with `seed`, each unlike every scene in `exclude` (scene keys) and unlike
+    each other; returns them and how many draws were dropped for each reason."""
+    rng = random.Random(seed)
+    out, seen = [], set()
+    dropped = {"seen_in_train_or_val": 0, "repeated_in_test": 0}
+    while len(out) < num_images:
+        scene = random_scene(rng)
+        texts = [caption(scene, rng) for _ in range(captions_per_image)]
+        key = scene_key(scene)
+        if key in exclude:
+            dropped["seen_in_train_or_val"] += 1
+        elif key in seen:
+            dropped["repeated_in_test"] += 1
+        else:
+            seen.add(key)
+            out.append((scene, texts))
+        if sum(dropped.values()) > 100 * num_images + 10_000:
+            raise ValueError(f"cannot draw {num_images} scenes unlike the {len(exclude)} excluded ones")
+    return out, dropped
+
+
+def image_text_pairs(num_images: int, captions_per_image: int = 2, seed: int = 0):
+    """[(PIL image, [captions])]: the images are drawn from the same grammar the captions describe."""
+    return [(draw(scene), texts) for scene, texts in scene_captions(num_images, captions_per_image, seed)]
