@@ -151,7 +151,8 @@ def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def comparison_plot(path: Path, uri: str, results: dict[str, dict], baseline: dict[str, Optional[float]]) -> Path:
+def comparison_plot(path: Path, uri: str, results: dict[str, dict], baseline: dict[str, Optional[float]],
+                    eval_label: str = "validation images") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,7 +178,7 @@ def comparison_plot(path: Path, uri: str, results: dict[str, dict], baseline: di
         values = [res["eval"]["metrics"].get(n) or 0.0 for n in names]
         axes[2].bar([j + i * width for j in range(len(names))], values, width, label=arm)
     axes[2].set_xticks([j + width * len(results) / 2 for j in range(len(names))], names)
-    axes[2].set_title("caption metrics (validation images)")
+    axes[2].set_title(f"caption metrics ({eval_label})")
     axes[2].legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -286,7 +287,8 @@ def run_pipeline(config: PipelineConfig, out_dir: Optional[str] = None, parent_r
         table = comparison_table(results, baseline)
         text = format_table(table)
         out.mkdir(parents=True, exist_ok=True)
-        files = [comparison_plot(out / "comparison.png", uri, results, baseline)]
+        files = [comparison_plot(out / "comparison.png", uri, results, baseline,
+                                 f"pictures of {p.eval_data}" if p.eval_data else "validation images")]
         (out / "comparison.md").write_text(text + "\n")
         (out / "comparison.json").write_text(json.dumps(table, indent=2))
         files += [out / "comparison.md", out / "comparison.json"]

@@ -237,7 +237,8 @@ def _history_ends(uri: str, run_id: str, key: str) -> tuple[Optional[float], Opt
 
 
 def _overrides(args, llm: str) -> list[str]:
-    out = [f"demo.num_test_images={args.test_images}", f"demo.root={args.root}",
+    # Equal compute: train.max_steps ends every stage; no epoch cap may stop a small-N run early.
+    out = ["common.train.epochs=100000", f"demo.num_test_images={args.test_images}", f"demo.root={args.root}",
            f"common.mlflow.experiment={args.experiment}", f"common.run.storage_path={args.storage}",
            f"pipeline.eval_data={args.root}/shards/test", "pipeline.eval_limit=null",
            f"pipeline.eval_batch_size={args.eval_batch_size}"]
@@ -293,6 +294,10 @@ def run_grid(args, llm: str, pictures: list[int]) -> dict[str, Any]:
                 summary = run_pipeline(load_pipeline_config(args.config, base + extra), parent_run_id=parent,
                                        params={"llm": llm, "arm": arm, "train_pictures": n, "seed": seed})
                 res = summary["arms"][arm]
+                for stage in ("stage1", "stage2"):
+                    wanted = config.stage_config(stage).train.max_steps
+                    if res[stage]["step"] != wanted:
+                        raise RuntimeError(f"{stage} ended at step {res[stage]['step']}, not train.max_steps={wanted}")
                 start, end = _history_ends(uri, res["stage2"]["mlflow_run_id"], "val_lm_loss")
                 results["runs"][run["key"]] = {
                     **{k: run[k] for k in ("llm", "arm", "pictures", "seed")}, "status": "finished",
@@ -300,6 +305,7 @@ def run_grid(args, llm: str, pictures: list[int]) -> dict[str, Any]:
                     "random_baseline": {k: summary["random_baseline"].get(k) for k in METRICS},
                     "stage1": {k: res["stage1"]["metrics"].get(k) for k in ("val_loss", "val_itc_loss", "val_itg_loss")},
                     "stage2": {"val_lm_loss_start": start, "val_lm_loss_end": end},
+                    "steps": {stage: res[stage]["step"] for stage in ("stage1", "stage2")},
                     "samples_read": {"stage1": res["stage1"]["data"].get("rows_read"),
                                      "stage2": res["stage2"]["data"].get("rows_read")},
                     "mlflow_run_id": summary["parent_run_id"], "seconds": round(time.time() - t0, 1)}

@@ -251,6 +251,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.epoch += 1
             state.batches_in_epoch = 0
 
+    if rank == 0 and state.step < cfg.train.max_steps and state.epoch >= cfg.train.epochs:
+        progress(f"[{cfg.stage}] train.epochs={cfg.train.epochs} passes over the data ended the run at step "
+                 f"{state.step}, before train.max_steps={cfg.train.max_steps} (the learning-rate schedule assumed "
+                 f"max_steps): raise train.epochs to train longer on small data")
+
     # 4. Final report and checkpoint (also when the data ran out before max_steps).
     if state.step > 0 and last_saved != state.step:
         report(save=True)
