@@ -171,6 +171,13 @@ def format_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pictures_axis(ax, label: str) -> None:
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(PICTURES, [str(n) for n in PICTURES])
+    ax.set_xlabel(label)
+
+
 def plot(summary: dict[str, Any], path: Path) -> Path:
     import matplotlib
 
@@ -188,9 +195,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     if summary["random_CIDEr"]:
         low, high = summary["random_CIDEr"]
         left.axhspan(low, max(high, low + 1e-3), color="gray", alpha=0.25, label="random captions")
-    left.set_xscale("log")
-    left.set_xticks(PICTURES, [str(n) for n in PICTURES])
-    left.set_xlabel("training pictures N (2 captions each; log scale)")
+    _pictures_axis(left, "training pictures N (2 captions each; log scale)")
     left.set_ylabel("CIDEr on the held-out test pictures")
     left.set_title("caption quality vs image-text pairs (mean ± sd over seeds)")
     left.legend(fontsize=8)
@@ -203,9 +208,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
                        color="tab:green" if llm == "opt" else "tab:purple", marker="D", capsize=3,
                        linestyle="-" if llm == "opt" else "none", label=f"mean ± sd ({llm.upper()}-style)")
     right.axhline(0, color="black", linewidth=0.8)
-    right.set_xscale("log")
-    right.set_xticks(PICTURES, [str(n) for n in PICTURES])
-    right.set_xlabel("training pictures N (log scale)")
+    _pictures_axis(right, "training pictures N (log scale)")
     right.set_ylabel("CIDEr: pformer - blip2 (same seed)")
     right.set_title("paired difference per seed (dots)")
     right.legend(fontsize=8)
@@ -240,8 +243,9 @@ def _overrides(args, llm: str) -> list[str]:
     # Equal compute: train.max_steps ends every stage; no epoch cap may stop a small-N run early.
     out = ["common.train.epochs=100000", f"demo.num_test_images={args.test_images}", f"demo.root={args.root}",
            f"common.mlflow.experiment={args.experiment}", f"common.run.storage_path={args.storage}",
-           f"pipeline.eval_data={args.root}/shards/test", "pipeline.eval_limit=null",
            f"pipeline.eval_batch_size={args.eval_batch_size}"]
+    if args.eval == "test":
+        out += [f"pipeline.eval_data={args.root}/shards/test", "pipeline.eval_limit=null"]
     if llm == "t5":
         out += ["demo.llms=[opt, t5]", f"common.model.llm={args.root}/models/t5"]
     return out + list(args.overrides)
@@ -255,7 +259,13 @@ def run_grid(args, llm: str, pictures: list[int]) -> dict[str, Any]:
 
     json_path = Path(args.out)
     results = load_results(json_path)
-    grid = plan(llm, pictures, args.seeds)
+    if args.reuse_stage0:
+        for key, value in load_results(Path(args.reuse_stage0))["stage0"].items():
+            results["stage0"].setdefault(key, value)
+    results.setdefault("evaluated_on", args.eval)
+    if results["evaluated_on"] != args.eval:
+        raise SystemExit(f"{json_path} holds runs evaluated on {results['evaluated_on']}, not {args.eval}: use another --out")
+    grid = plan(llm, pictures, args.seeds, args.arms)
     todo = pending(grid, results)
     base = _overrides(args, llm)
     config = load_pipeline_config(args.config, base)
@@ -273,8 +283,9 @@ def run_grid(args, llm: str, pictures: list[int]) -> dict[str, Any]:
     client = tracking.client(uri)
     parent = results["parents"].get(llm)
     if parent is None:
-        parent = client.create_run(tracking.experiment_id(uri, args.experiment), run_name=f"data-scaling-{llm}",
-                                   tags={"stage": "data-scaling", "llm": llm}).info.run_id
+        parent = client.create_run(tracking.experiment_id(uri, args.experiment),
+                                   run_name=f"data-scaling-{llm}{args.label and '-' + args.label}",
+                                   tags={"stage": "data-scaling", "llm": llm, "evaluated_on": args.eval}).info.run_id
         results["parents"][llm] = parent
         save_results(json_path, results)
     else:
@@ -287,7 +298,8 @@ def run_grid(args, llm: str, pictures: list[int]) -> dict[str, Any]:
             print(f"[scaling] {i}/{len(todo)} {run['key']} ({time.time() - started:.0f} s elapsed)", flush=True)
             try:
                 extra = [f"common.run.seed={seed}", f"common.data.train_pictures={n}", f"pipeline.arms=[{arm}]",
-                         f"pipeline.name=ds-{llm}-{arm}-n{n}-s{seed}", f"pipeline.random_baseline_seed={seed}"]
+                         f"pipeline.name=ds-{llm}{args.label and '-' + args.label}-{arm}-n{n}-s{seed}",
+                         f"pipeline.random_baseline_seed={seed}"]
                 if arm == "pformer":
                     extra.append(f"pipeline.stage0_checkpoint={_stage0(results, json_path, config, llm, seed, parent, base, args)}")
                 t0 = time.time()
@@ -356,6 +368,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--storage", default="./checkpoints/data-scaling", help="checkpoint folder of the runs")
     parser.add_argument("--experiment", default=EXPERIMENT, help="MLflow experiment")
     parser.add_argument("--test-images", type=int, default=TEST_IMAGES)
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--eval", choices=("test", "val"), default="test",
+                        help="score on the held-out test pictures (the report) or on the 200 validation pictures "
+                             "(for choosing anything: weights, steps, decoding)")
+    parser.add_argument("--reuse-stage0", metavar="JSON", help="take the stage-0 checkpoints recorded in another results file")
+    parser.add_argument("--label", default="", help="added to the MLflow run names (a variant's name)")
     parser.add_argument("--eval-batch-size", type=int, default=100)
     parser.add_argument("--report", action="store_true", help="only write the table and the plot from --out")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and what is finished")
@@ -375,7 +393,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         pictures = [int(n) for n in args.pictures]
     if args.dry_run:
         results = load_results(json_path)
-        for run in plan(args.llm, pictures, args.seeds):
+        for run in plan(args.llm, pictures, args.seeds, args.arms):
             state = results["runs"].get(run["key"], {}).get("status", "to run")
             print(f"{run['key']}: {state}")
         return 0
