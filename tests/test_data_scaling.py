@@ -123,6 +123,26 @@ def test_picture_subsets_are_nested_first_in_file_order_and_read_only_the_shards
         first_pictures(str(root), 10)
 
 
+def test_parquet_subsets_name_pictures_by_key_and_read_only_theirs(ray_session, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from app.data.images import read_image_text
+
+    captions = json.loads((FLICKR / "captions.json").read_text())
+    names = sorted(captions)[:6]
+    for part, chunk in enumerate((names[:3], names[3:])):
+        pq.write_table(pa.table({"key": chunk, "image": [(FLICKR / "images" / n).read_bytes() for n in chunk],
+                                 "caption": [captions[n][0] for n in chunk]}), tmp_path / f"part-{part}.parquet")
+    subset = first_pictures(str(tmp_path), 4)
+    assert subset.samples == 4 and len(subset.by_format[0][1]) == 2
+    rows = read_image_text(str(tmp_path), subset=subset).take_all()
+    assert sorted(r["key"] for r in rows) == names[:4]
+    pq.write_table(pa.table({"image": [b"x"], "caption": ["c"]}), tmp_path / "part-2.parquet")
+    with pytest.raises(ValueError, match="neither a 'key' nor an 'image_id' column"):
+        first_pictures(str(tmp_path), 7)
+
+
 def test_stage1_trains_on_exactly_the_first_n_pictures(ray_session, flickr_shards, tiny_models, tiny_vision, tmp_path,
                                                       capsys):
     """The training stream stage 1 hands to Ray Train, read to its end: every image id it carries is one of
