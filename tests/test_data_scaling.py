@@ -230,3 +230,20 @@ def test_pipeline_reuses_a_stage0_checkpoint_and_trains_stages_1_2_on_the_subset
     for run in children:
         if run.data.tags.get("stage") in ("qformer", "llm"):
             assert run.data.params["data.train_pictures"] == "8"
+
+
+def test_the_demo_t5_tokenizer_keeps_the_grammar_s_words_whole():
+    """On the scene grammar (few distinct words) the unigram trainer alone left 87 pieces and spelled
+    "picture" letter by letter; the tiny T5 then saw six words of a caption. Rich text keeps unigram."""
+    from app.demo.shapes import corpus
+    from app.models.tiny import train_llm_tokenizer
+
+    from conftest import coco_captions
+
+    tok = train_llm_tokenizer(corpus(5000), 500, "t5")
+    text = "the picture shows one green circle at the top left"
+    assert tok.tokenize(text) == ["▁" + word for word in text.split()]
+    assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
+    assert tok(text).input_ids[-1] == tok.eos_token_id
+    rich = train_llm_tokenizer(coco_captions(5000), 1000, "t5")
+    assert type(rich.backend_tokenizer.model).__name__ == "Unigram" and len(rich) == 1000
