@@ -1,9 +1,9 @@
-"""Frozen-feature cache for stages 1 and 2: run the frozen image encoder and the frozen P-Former once,
-store their outputs as Parquet, and train from them.
+"""The feature-cache job (jobs.cache_features): run the frozen image encoder and the frozen P-Former once
+over the training shards and write their outputs in the cache format of `app.data.feature_cache`.
 
 In stages 1-2 the image encoder and the P-Former never change, yet a live run recomputes them for every
 sample of every epoch (the image encoder is the largest single cost of a BLIP-2 step). `cache_features`
-is a Ray Data batch-inference job over the training shards:
+is a Ray Data batch-inference job:
 
     shard files --read (one task per shard, rows numbered, an end row per shard)
                --map_batches (CPU tasks: decode, eval transform, clean captions; bad samples marked)
@@ -11,23 +11,9 @@ is a Ray Data batch-inference job over the training shards:
                               part per block, returns counts)
                --> driver: a shard whose rows are all written or skipped gets a `_done/` marker
 
-Layout at `cache.out` (a folder or s3:// prefix):
-
-    _identity.json        what the cache is made with (written first; a restart must match it)
-    parts/<shard>-<first row>.parquet   key, shard, captions, features, sentences|prompts (+ image, ext)
-    _done/<shard>.json    one per finished input shard (rows written and skipped)
-    manifest.json         identity + shapes + counts, written when every shard is done
-
-Kinds: `features` stores the image features (eval transform: resize, centre frames; no augmentation:
-the cache trades augmentation for speed) and the P-Former output of every caption; `prompts` stores the
-media bytes and the P-Former outputs, so images are still decoded and augmented in training (always
-valid, saves only the P-Former forward). P-Former output: its [CLS] sentence vector (`store:
-sentence`; the frozen heads turn it into prompts in the training step) or the prompts themselves.
-
 Resuming: finished shards (with a `_done/` marker) are not recomputed; parts of unfinished shards are
-deleted before they are redone, so an interrupted run never leaves duplicate rows. The identity holds the
-weights' SHA-256 (over the state dict, in float32), so a run whose models differ from the cache's is
-refused with the mismatch named (`check_cache`).
+deleted before they are redone, so an interrupted run never leaves duplicate rows. Nothing in `app/`
+imports this module; training reads caches through `app.data.feature_cache`.
 """
 
 from __future__ import annotations
@@ -41,6 +27,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
@@ -48,138 +35,28 @@ from ray.data.datasource import FileBasedDatasource
 
 from app import storage
 from app.config import Config, ConfigError
-from app.data.images import (SCHEMA, _parquet_to_rows, decode_image, iter_tar_samples, shard_files,
-                             transform_image)
-from app.data.text import in_blocks, normalise_caption
+from app.data.feature_cache import (DONE_DIR, IDENTITY_FILE, MANIFEST_FILE, PARTS_DIR, CacheError, identity_mismatch,
+                                    run_identity, tensor_bytes)
+from app.data.media import MediaSpec, SkipSample, decode_sample
+from app.data.sources import SCHEMA, iter_tar_samples, parquet_to_rows, shard_files
+from app.data.text import in_blocks, load_tokenizer, normalise_caption, tokenize
+from app.models.llm import resolve_dtype
+from app.models.pformer import PFormer
+from app.models.vision import VisionEncoder, image_size_for
+from app.stages import get_stage
+from app.train.launcher import init_ray, resolve_paths
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-IDENTITY_FILE = "_identity.json"
-MANIFEST_FILE = "manifest.json"
-DONE_DIR = "_done"
-PARTS_DIR = "parts"
 END = "end_of_shard"
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 INPUT_SCHEMA = SCHEMA.append(pa.field("index", pa.int64()))
 
 
-class CacheError(ConfigError):
-    """A cache that cannot serve this run (missing, unfinished, made with other models)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# identities
-
-
-def module_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of a module's weights (names, shapes and float32 values, in name order): the same for the
-    same weights whatever file format or dtype they were loaded from (bf16 and fp16 are exact in fp32)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        value = tensor.detach().to("cpu", torch.float32).contiguous()
-        digest.update(f"{name}:{tuple(value.shape)}".encode())
-        digest.update(value.numpy().tobytes())
-    return digest.hexdigest()
-
-
 def stage_for(cfg: Config):
-    from app.stages import get_stage
-
+    """The stage a cache serves (its validation resolves the P-Former and checks the shards)."""
     if cfg.stage not in ("qformer", "llm"):
         raise ConfigError(f"stage: the feature cache serves stages 1 and 2 ('qformer', 'llm'), not '{cfg.stage}'")
     return get_stage(cfg.stage)
-
-
-def run_identity(cfg: Config, s3: Optional[storage.S3Options], kind: str) -> dict[str, Any]:
-    """What a cache of `kind` made for this (validated) run config must match: the frozen image encoder and
-    the transform (features), the frozen P-Former and the caption handling (both kinds)."""
-    from app.models.vision import VisionEncoder
-    from app.stages import load_frozen_pformer
-
-    stage = stage_for(cfg)
-    identity: dict[str, Any] = {"format": FORMAT_VERSION, "kind": kind}
-    if kind == "features":
-        vision = VisionEncoder.from_pretrained(storage.local_model(cfg.model.vision, s3), dtype=torch.float32,
-                                               final_layernorm=not cfg.model.train_ln_vision)
-        identity["vision"] = {"uri": cfg.model.vision, "sha256": module_digest(vision)}
-        # model.train_ln_vision: the cache keeps the tokens before the tower's final LayerNorm, so it stays valid
-        # while the Q-Former's ln_vision trains.
-        identity["transform"] = {"image_size": stage.image_size(cfg, s3), "num_frames": cfg.data.num_frames,
-                                 "tokens": ("before the tower's final LayerNorm" if cfg.model.train_ln_vision
-                                            else "after the tower's frozen final LayerNorm"),
-                                 "resize": "bicubic to image_size x image_size, no crop, no flip",
-                                 "frames": "centre of each of num_frames equal segments" if cfg.data.num_frames else None}
-        del vision
-    # The captions are stored normalised (data.caption_style), for the P-Former and the stage's tokenizers alike.
-    identity["captions"] = {"caption_style": cfg.data.caption_style, "max_words": cfg.data.max_words}
-    identity["pformer"] = None
-    if cfg.init_from.pformer:
-        pformer = load_frozen_pformer(cfg.init_from.pformer, s3)
-        identity["pformer"] = {"uri": cfg.init_from.pformer, "sha256": module_digest(pformer),
-                               "max_txt_len": cfg.data.max_txt_len, "max_chars": cfg.data.max_chars}
-    return identity
-
-
-def _short(digest: Optional[str]) -> str:
-    return (digest or "none")[:12]
-
-
-def identity_mismatch(cache: dict[str, Any], run: dict[str, Any]) -> Optional[str]:
-    """A sentence naming what differs between a cache's identity and a run's, or None."""
-    if cache.get("format") != run.get("format"):
-        return f"cache format {cache.get('format')} (this code writes and reads format {run.get('format')})"
-    if cache.get("kind") != run.get("kind"):
-        return f"a '{cache.get('kind')}' cache where a '{run.get('kind')}' one was expected"
-    if run.get("kind") == "features":
-        for key, value in run["transform"].items():
-            if (cache.get("transform") or {}).get(key) != value:
-                return f"transform: the cache has {key}={cache['transform'].get(key)!r}, this run needs {value!r}"
-        made, now = cache.get("vision") or {}, run["vision"]
-        if made.get("sha256") != now["sha256"]:
-            return (f"image encoder: the cache was made with {made.get('uri')} (weights sha256 {_short(made.get('sha256'))}), "
-                    f"this run's model.vision is {now['uri']} (sha256 {_short(now['sha256'])})")
-    for key, value in run["captions"].items():
-        made_value = (cache.get("captions") or {}).get(key)
-        if made_value != value:
-            return (f"captions: the cache holds captions normalised with data.{key}={made_value!r}, this run uses "
-                    f"data.{key}={value!r}")
-    made, now = cache.get("pformer"), run.get("pformer")
-    if now is not None:
-        if made is None:
-            return "P-Former: the cache holds no P-Former outputs, this run aligns to init_from.pformer"
-        if made.get("sha256") != now["sha256"]:
-            return (f"P-Former: the cache was made with {made.get('uri')} (weights sha256 {_short(made.get('sha256'))}), "
-                    f"this run's init_from.pformer is {now['uri']} (sha256 {_short(now['sha256'])})")
-        for key in ("max_txt_len", "max_chars"):
-            if made.get(key) != now[key]:
-                return f"P-Former input: the cache used data.{key}={made.get(key)}, this run data.{key}={now[key]}"
-    return None
-
-
-def read_manifest(uri: str, s3: Optional[storage.S3Options]) -> dict[str, Any]:
-    """The finished cache's manifest; CacheError naming the problem when there is none."""
-    fs, root = storage.resolve(uri, s3)
-    info = fs.get_file_info(f"{root}/{MANIFEST_FILE}")
-    if info.type.name != "File":
-        started = fs.get_file_info(f"{root}/{IDENTITY_FILE}").type.name == "File"
-        if started:
-            raise CacheError(f"data.train_features: the cache at {uri} is unfinished (no {MANIFEST_FILE}); run "
-                             f"jobs.cache_features again with the same config to finish it")
-        raise CacheError(f"data.train_features: no feature cache at {uri} (expected {MANIFEST_FILE}; make one with "
-                         f"jobs.cache_features)")
-    with fs.open_input_stream(f"{root}/{MANIFEST_FILE}") as f:
-        return json.loads(f.read().decode("utf-8"))
-
-
-def check_cache(cfg: Config, s3: Optional[storage.S3Options]) -> dict[str, Any]:
-    """The manifest of `data.train_features` if it was made with this run's frozen models and transform;
-    CacheError naming the mismatch otherwise."""
-    manifest = read_manifest(cfg.data.train_features, s3)
-    problem = identity_mismatch(manifest["identity"], run_identity(cfg, s3, manifest["identity"]["kind"]))
-    if problem:
-        raise CacheError(f"data.train_features: {cfg.data.train_features} does not match this run: {problem}")
-    return manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,13 +64,11 @@ def check_cache(cfg: Config, s3: Optional[storage.S3Options]) -> dict[str, Any]:
 
 
 def _parquet_rows(f, shard: str, image_column: str, caption_column: str) -> Iterator[dict]:
-    import pyarrow.parquet as pq
-
     parquet = pq.ParquetFile(f)
     names = parquet.schema_arrow.names
     columns = [image_column, caption_column] + (["key"] if "key" in names else [])
     for batch in parquet.iter_batches(columns=columns):
-        yield from _parquet_to_rows(pa.Table.from_batches([batch]), image_column, caption_column, "").to_pylist()
+        yield from parquet_to_rows(pa.Table.from_batches([batch]), image_column, caption_column, "").to_pylist()
 
 
 class CacheInputSource(FileBasedDatasource):
@@ -230,8 +105,7 @@ def prepare_cache_batch(batch: pa.Table, *, kind: str, image_size: int, num_fram
                         max_chars: int, caption_style: str = "blip", max_words: int = 50) -> dict[str, np.ndarray]:
     """Rows -> `status` ("ok", "end", "skip:<reason>"), cleaned captions (JSON), and the eval-transformed
     `pixels` (features; zeros where not ok) or the media bytes (prompts)."""
-    from app.data.video import VideoDecodeError, clip_pixels, is_video
-
+    media_spec = MediaSpec(size=image_size, num_frames=num_frames or None)
     rows = batch.to_pylist()
     status, captions, pixels, media = [], [], [], []
     shape = (num_frames, image_size, image_size, 3) if num_frames else (image_size, image_size, 3)
@@ -249,19 +123,10 @@ def prepare_cache_batch(batch: pa.Table, *, kind: str, image_size: int, num_fram
             elif not row["image"]:
                 state = "skip:empty_file"
             elif kind == "features":
-                ext = row["ext"] or ""
                 try:
-                    if num_frames:
-                        array, _ = clip_pixels(row["image"], ext, num_frames=num_frames, size=image_size, train=False)
-                    elif is_video(ext):
-                        state = "skip:video_in_image_run"
-                    else:
-                        array = transform_image(decode_image(row["image"], draft_size=2 * image_size)[0], image_size,
-                                                train=False)
-                except VideoDecodeError as err:
-                    state, detail = f"skip:{err.reason}", f" ({err})"
-                except Exception as err:  # PIL raises many types for corrupt data
-                    state, detail = "skip:corrupt_image", f" ({type(err).__name__}: {err})"
+                    array, _ = decode_sample(row["image"], row["ext"] or "", media_spec)
+                except SkipSample as err:
+                    state, detail = f"skip:{err.reason}", err.detail
         if state.startswith("skip:"):
             logger.warning("skipped sample %r of %s: %s%s", row["key"], row["shard"], state[5:], detail)
         status.append(state)
@@ -286,35 +151,11 @@ def prepare_cache_batch(batch: pa.Table, *, kind: str, image_size: int, num_fram
 # the encoder actors
 
 
-def tensor_bytes(tensor: torch.Tensor, dtype: str) -> bytes:
-    """Raw bytes of a tensor in the cache dtype (bf16 as its 16 bits)."""
-    value = tensor.detach().to("cpu", TORCH_DTYPES[dtype]).contiguous()
-    if dtype == "bfloat16":
-        value = value.view(torch.int16)
-    return value.numpy().tobytes()
-
-
-def bytes_array(values: list[bytes], dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Stacked arrays from raw bytes: float16/float32 as they are, bfloat16 as int16 bits (see `to_tensor`)."""
-    np_dtype = {"bfloat16": np.int16, "float16": np.float16, "float32": np.float32}[dtype]
-    return np.stack([np.frombuffer(v, dtype=np_dtype).reshape(shape) for v in values])
-
-
-def to_tensor(array: torch.Tensor, dtype: str) -> torch.Tensor:
-    """A batch tensor from `bytes_array` back in its cache dtype."""
-    return array.view(torch.bfloat16) if dtype == "bfloat16" else array
-
-
 class CacheEncoder:
     """Ray Data actor: the frozen image encoder (features) and P-Former on one device; each call encodes a
     block, writes it as one Parquet part, and returns per-shard counts."""
 
     def __init__(self, cfg: Config, s3: Optional[storage.S3Options], use_gpu: bool):
-        from app.data.text import load_tokenizer
-        from app.models.llm import resolve_dtype
-        from app.models.vision import VisionEncoder
-        from app.stages import load_frozen_pformer
-
         self.cfg, self.s3, self.cache = cfg, s3, cfg.cache
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.vision = None
@@ -326,7 +167,7 @@ class CacheEncoder:
         self.shapes: dict[str, list[int]] = {}  # per-row tensor shapes, kept in each part's schema metadata
         self.pformer = self.tokenizer = None
         if cfg.init_from.pformer:
-            self.pformer = load_frozen_pformer(cfg.init_from.pformer, s3).to(self.device)
+            self.pformer = PFormer.load_frozen(cfg.init_from.pformer, s3).to(self.device)
             self.tokenizer = load_tokenizer(storage.local_model(storage.join(cfg.init_from.pformer, "pformer"), s3))
 
     @torch.no_grad()
@@ -342,8 +183,6 @@ class CacheEncoder:
 
     @torch.no_grad()
     def _pformer(self, texts: list[str]) -> list[bytes]:
-        from app.data.text import tokenize
-
         out: list[bytes] = []
         for start in range(0, len(texts), self.cache.batch_size):
             enc = tokenize(self.tokenizer, texts[start:start + self.cache.batch_size], self.cfg.data.max_txt_len, "p")
@@ -392,8 +231,6 @@ class CacheEncoder:
         return {k: np.array(v, dtype=object if k in ("shard", "skipped", "part") else np.int64) for k, v in meta.items()}
 
     def _write(self, shard: str, first: int, picks: list[int], columns: dict[str, Any]) -> str:
-        import pyarrow.parquet as pq
-
         table = pa.table({name: [values[i] for i in picks] for name, values in columns.items()})
         table = table.replace_schema_metadata({"shapes": json.dumps(self.shapes), "dtype": self.cache.dtype})
         fs, root = storage.resolve(self.cache.out, self.s3)
@@ -414,24 +251,11 @@ def shard_stem(shard: str) -> str:
 # the job
 
 
-def _read_json(fs, path: str) -> Optional[dict]:
+def _read_json(uri: str, s3: Optional[storage.S3Options]) -> Optional[dict]:
     try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode("utf-8"))
+        return storage.read_json(uri, s3)
     except (FileNotFoundError, OSError):
         return None
-
-
-def _write_json(fs, path: str, data: dict) -> None:
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(data, indent=2).encode("utf-8"))
-
-
-def _listing(fs, folder: str) -> list[str]:
-    import pyarrow.fs as pafs
-
-    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
 
 
 def default_actors(use_gpu: bool) -> int:
@@ -446,12 +270,12 @@ def cache_features(cfg: Config, s3: Optional[storage.S3Options] = None, *, max_s
     """Write (or finish) the cache of `cfg.data.train` at `cfg.cache.out`; returns the manifest. `cfg` is a
     validated stage-1 or stage-2 config. `max_shards`: stop after that many shards (the next run goes on)."""
     cache = cfg.cache
-    stage = stage_for(cfg)
+    stage_for(cfg)
     fs, root = storage.resolve(cache.out, s3)
     identity = run_identity(cfg, s3, cache.kind)
     identity["store"] = cache.store
     identity["dtype"] = cache.dtype
-    found = _read_json(fs, f"{root}/{IDENTITY_FILE}")
+    found = _read_json(storage.join(cache.out, IDENTITY_FILE), s3)
     if found is not None:
         problem = identity_mismatch(found, identity) or (
             f"stored {found.get('store')} in {found.get('dtype')}, this run asks for {cache.store} in {cache.dtype}"
@@ -461,17 +285,17 @@ def cache_features(cfg: Config, s3: Optional[storage.S3Options] = None, *, max_s
                              f"cache.out or delete it")
     else:
         fs.create_dir(root, recursive=True)
-        _write_json(fs, f"{root}/{IDENTITY_FILE}", identity)
+        storage.write_json(storage.join(cache.out, IDENTITY_FILE), identity, s3)
     for folder in (PARTS_DIR, DONE_DIR):
         fs.create_dir(f"{root}/{folder}", recursive=True)
 
     source_fs, by_format = shard_files(cfg.data.train, cfg.data.image_format, s3)
     prefix = "s3://" if storage.is_s3(cfg.data.train) else ""
     shards = sorted(prefix + p for paths in by_format.values() for p in paths)
-    done = {name.removesuffix(".json") for name in _listing(fs, f"{root}/{DONE_DIR}")}
+    done = {name.removesuffix(".json") for name in storage.list_names(storage.join(cache.out, DONE_DIR), s3)}
     pending = [s for s in shards if shard_stem(s) not in done]
     # Parts of unfinished shards (an interrupted run) are redone from scratch: no duplicate rows.
-    stale = [n for n in _listing(fs, f"{root}/{PARTS_DIR}") if n.rsplit("-", 1)[0] in {shard_stem(s) for s in pending}]
+    stale = [n for n in storage.list_names(storage.join(cache.out, PARTS_DIR), s3) if n.rsplit("-", 1)[0] in {shard_stem(s) for s in pending}]
     for name in stale:
         fs.delete_file(f"{root}/{PARTS_DIR}/{name}")
     if max_shards is not None:
@@ -483,7 +307,7 @@ def cache_features(cfg: Config, s3: Optional[storage.S3Options] = None, *, max_s
     if pending:
         use_gpu = cfg.scaling.use_gpu and ray.cluster_resources().get("GPU", 0) >= 1
         actors = cache.num_actors or default_actors(use_gpu)
-        image_size = stage.image_size(cfg, s3)
+        image_size = image_size_for(cfg, s3)
         raw = ray.data.read_datasource(
             CacheInputSource([p.removeprefix(prefix) for p in pending], caption_field=cfg.data.caption_column,
                              image_column=cfg.data.image_column, uri_prefix=prefix, rows_per_block=cache.rows_per_block,
@@ -511,19 +335,19 @@ def cache_features(cfg: Config, s3: Optional[storage.S3Options] = None, *, max_s
                 entry["total"] = int(meta["end_total"])
             rows_now += int(meta["written"])
             if entry["total"] is not None and entry["written"] + sum(entry["skipped"].values()) == entry["total"]:
-                _write_json(fs, f"{root}/{DONE_DIR}/{shard_stem(shard)}.json",
+                storage.write_json(storage.join(cache.out, DONE_DIR, f"{shard_stem(shard)}.json"),
                             {"shard": shard, "rows": entry["written"], "skipped": dict(entry["skipped"]),
                              "parts": sorted(entry["parts"])})
                 finished += 1
                 elapsed = time.perf_counter() - start
                 progress(f"[cache] {finished}/{len(pending)} shard(s) done: {shard} ({entry['written']} rows, "
                          f"{sum(entry['skipped'].values())} skipped); {rows_now / elapsed:.1f} rows/s")
-    return _finish(fs, root, cache.out, shards, identity, cfg, time.perf_counter() - start, progress)
+    return _finish(fs, root, cache.out, shards, identity, cfg, time.perf_counter() - start, progress, s3)
 
 
 def _finish(fs, root: str, uri: str, shards: list[str], identity: dict, cfg: Config, seconds: float,
-            progress) -> dict[str, Any]:
-    done = {name.removesuffix(".json") for name in _listing(fs, f"{root}/{DONE_DIR}")}
+            progress, s3: Optional[storage.S3Options]) -> dict[str, Any]:
+    done = {name.removesuffix(".json") for name in storage.list_names(storage.join(uri, DONE_DIR), s3)}
     missing = [s for s in shards if shard_stem(s) not in done]
     if missing:
         progress(f"[cache] {len(shards) - len(missing)}/{len(shards)} shard(s) done; run again to finish "
@@ -531,7 +355,7 @@ def _finish(fs, root: str, uri: str, shards: list[str], identity: dict, cfg: Con
         return {"finished": False, "shards": len(shards), "shards_done": len(shards) - len(missing)}
     rows, skipped, parts = 0, Counter(), []
     for shard in shards:
-        entry = _read_json(fs, f"{root}/{DONE_DIR}/{shard_stem(shard)}.json") or {}
+        entry = _read_json(storage.join(uri, DONE_DIR, f"{shard_stem(shard)}.json"), s3) or {}
         rows += entry.get("rows", 0)
         skipped.update(entry.get("skipped", {}))
         parts += entry.get("parts", [])
@@ -539,7 +363,7 @@ def _finish(fs, root: str, uri: str, shards: list[str], identity: dict, cfg: Con
     manifest = {"identity": identity, "source": cfg.data.train, "rows": rows, "skipped": dict(skipped),
                 "shards": len(shards), "parts": sorted(parts), **shapes,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(seconds, 1)}
-    _write_json(fs, f"{root}/{MANIFEST_FILE}", manifest)
+    storage.write_json(storage.join(uri, MANIFEST_FILE), manifest, s3)
     progress(f"[cache] finished: {rows} rows in {len(parts)} part(s) at {uri} "
              f"({sum(skipped.values())} samples skipped: {dict(skipped) or 'none'})")
     return {"finished": True, **manifest}
@@ -547,10 +371,29 @@ def _finish(fs, root: str, uri: str, shards: list[str], identity: dict, cfg: Con
 
 def _shapes(fs, root: str, parts: list[str], identity: dict) -> dict[str, Any]:
     """Per-row tensor shapes (all rows share them), from the first part's schema metadata."""
-    import pyarrow.parquet as pq
-
     if not parts:
         return {"shapes": {}}
     with fs.open_input_file(f"{root}/{parts[0]}") as f:
         metadata = pq.read_schema(f).metadata or {}
     return {"shapes": json.loads(metadata.get(b"shapes", b"{}"))}
+
+
+def run_cache_job(cfg: Config, *, max_shards: Optional[int] = None) -> dict[str, Any]:
+    """jobs.cache_features: check the stage config the cache is for (its P-Former, shards and cache.out)
+    before Ray starts, then write or finish the cache; returns the manifest (or the progress)."""
+    if not cfg.cache.out:
+        raise ConfigError("cache.out: where to write the cache is required (a folder or s3:// prefix)")
+    s3 = storage.S3Options(cfg.storage.s3_endpoint, cfg.storage.s3_region)
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.train_features = None  # the training config may already name the cache this job writes
+    if not cfg.data.train:
+        raise ConfigError("data.train: the shards to cache are required")
+    cfg = stage_for(cfg).validate(resolve_paths(cfg), s3)  # resolves the P-Former, checks the shards
+    if not storage.is_s3(cfg.cache.out):
+        cfg.cache.out = storage.resolve(cfg.cache.out)[1]
+    local = init_ray(cfg)
+    try:
+        return cache_features(cfg, s3, max_shards=max_shards)
+    finally:
+        if local:
+            ray.shutdown()

@@ -15,10 +15,12 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from app.errors import UserError
+
 STAGES = ("pformer", "qformer", "llm")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the offending key."""
 
 
@@ -178,10 +180,9 @@ class LossSection(_Section):
         False, description="Stage 1: captions of the same image (image_id in the shards) are ITC positives (targets "
                            "spread over them) and never drawn as ITM negatives; false = the reference (BLIText).")
 
-    def align_weight_for(self, stage: str) -> float:
-        if self.align_weight is not None:
-            return self.align_weight
-        return {"qformer": 10.0, "llm": 100.0}.get(stage, 0.0)
+
+
+PAPER_ALIGN_WEIGHT = {"qformer": 10.0, "llm": 100.0}
 
 
 class InitFromSection(_Section):
@@ -220,6 +221,14 @@ class Config(_Section):
     loss: LossSection = LossSection()
     init_from: InitFromSection = InitFromSection()
     cache: CacheSection = CacheSection()
+
+    @model_validator(mode="after")
+    def _resolve_defaults(self) -> "Config":
+        """Stage-dependent defaults, resolved here once: loss.align_weight None is the paper's weight for the
+        stage (10 in stage 1, 100 in stage 2; stage 0 has no alignment)."""
+        if self.loss.align_weight is None:
+            self.loss.align_weight = PAPER_ALIGN_WEIGHT.get(self.stage, 0.0)
+        return self
 
     def flat(self) -> dict[str, Any]:
         """The resolved config as `{dotted.key: value}` (MLflow params, summaries)."""

@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 
 from app import storage
+from app.errors import UserError
 from app.evaluation.model import TrainedBLIP2
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ IMAGE_TOKEN = "<image>"
 _TEXT_FFN = re.compile(r"^encoder\.layer\.\d+\.(intermediate|output)\.")  # not intermediate_query / output_query
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A checkpoint that cannot be expressed as Blip2ForConditionalGeneration."""
 
 
@@ -129,3 +130,34 @@ def export_blip2(checkpoint: str, out_dir: str | Path, s3: Optional[storage.S3Op
             "stop_token_ids": stop_ids, "prompt": model.prompt}
     logger.info("exported %s to %s", model.checkpoint, out)
     return info
+
+
+def log_to_mlflow(info: dict, out: str, checkpoint: str, s3, tracking_uri, register) -> dict:
+    """Log the exported folder as the "hf_model" artifacts of the checkpoint's training run (a run of its
+    own when there is none) and, with `register`, register it as a new version of that model name."""
+    from mlflow.exceptions import MlflowException
+
+    from app import tracking
+    from app.evaluation.tasks import checkpoint_config
+
+    cfg = checkpoint_config(checkpoint, s3)
+    uri = tracking.resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri)
+    run_id = tracking.find_run(uri, cfg.mlflow.experiment, cfg.run.name, cfg.run.storage_path)
+    client = tracking.client(uri)
+    if run_id is None:
+        run_id = tracking.create_run(uri, cfg.mlflow.experiment, f"export-{cfg.run.name}",
+                                     {"stage": "export", "checkpoint": checkpoint})
+        client.set_terminated(run_id)
+    client.log_artifacts(run_id, out, artifact_path="hf_model")
+    logged = {"mlflow_run_id": run_id, "tracking_uri": uri, "artifact": f"runs:/{run_id}/hf_model"}
+    if register:
+        try:
+            client.create_registered_model(register)
+        except MlflowException:
+            pass  # already registered: add a version
+        source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/hf_model"
+        version = client.create_model_version(register, source, run_id=run_id,
+                                              tags={"format": "transformers.Blip2ForConditionalGeneration",
+                                                    "checkpoint": checkpoint})
+        logged.update(registered_model=register, version=int(version.version))
+    return logged

@@ -1,13 +1,17 @@
 """Loss functions: pure functions of tensors, one per named loss term.
 
-Every stage returns a dict of these by name (`lm_loss`, `contrastive_loss`, `vocab_loss`, ...);
-the training loop logs each term separately.
+Every stage's `compute_losses` returns a dict of these by name (`lm_loss`, `contrastive_loss`,
+`vocab_loss`, `itc_loss`, ...), each with its weight applied; the step's loss is the sum of the keys
+ending in `_loss` (`total_loss`); the training loop logs each term separately. Gathering features from
+the other workers is kept apart from the math (`app.train.dist.gather_features`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from app.train import dist
 
 IGNORE_INDEX = -100
 
@@ -126,3 +130,84 @@ def align_loss(prompts: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Unweighted P-Former alignment: MSE between the projected queries and the P-Former's prompts
     (both (B, Q, D_llm); the targets come from the frozen P-Former and carry no gradient)."""
     return F.mse_loss(prompts.float(), targets.detach().float())
+
+
+def itm_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ITM cross-entropy of (3B, 2) logits ordered [positives; image + negative text; negative image + text]."""
+    return F.cross_entropy(logits.float(), itm_labels(logits.shape[0] // 3, logits.device))
+
+
+def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The step's loss: the sum of the (already weighted) terms whose name ends in `_loss`."""
+    return sum(value for name, value in losses.items() if name.endswith("_loss"))
+
+
+def with_total(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {**losses, "loss": total_loss(losses)}
+
+
+# ---------------------------------------------------------------------------------------------
+# each stage's objective: named, weighted terms from the composite's typed output and its weights (a
+# term whose weight is 0 is left out)
+
+
+def align_terms(prompts: torch.Tensor, target: torch.Tensor | None, weight: float) -> dict[str, torch.Tensor]:
+    """The P-Former alignment: `align_mse` (unweighted, comparable across weights) and `align_loss`."""
+    if target is None or weight <= 0:
+        return {}
+    mse = align_loss(prompts, target)
+    return {"align_mse": mse, "align_loss": weight * mse}
+
+
+def stage0_terms(out, w, embedding_matrix: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Stage 0 (`Stage0Output`, `PFormerLossWeights`): the frozen LLM's LM loss behind the prompt, the
+    sentence contrastive loss over the global batch (second view: the same features with one view, as
+    the reference; SimCSE's second masked view with two), and the vocabulary loss that keeps the prompts
+    near the LLM's input embeddings."""
+    losses: dict[str, torch.Tensor] = {}
+    if w.lm_weight > 0:
+        losses["lm_loss"] = w.lm_weight * lm_loss(out.lm.logits, out.lm.labels, shift=out.lm.shift)
+    if w.contrastive_weight > 0:
+        offset = dist.rank() * out.first_view.shape[0]
+        loss = contrastive_loss(out.first_view, dist.gather_features(out.second_view, w.gather_with_grad), out.temp,
+                                offset, w.label_smoothing)
+        if w.contrastive_views == 2:
+            loss = 0.5 * (loss + contrastive_loss(out.second_view, dist.gather_features(out.first_view, w.gather_with_grad),
+                                                  out.temp, offset, w.label_smoothing))
+        losses["contrastive_loss"] = w.contrastive_weight * loss
+    if w.vocab_weight > 0:
+        losses["vocab_loss"] = w.vocab_weight * vocab_loss(out.prompts, embedding_matrix)
+    return losses
+
+
+def stage1_terms(out, w) -> dict[str, torch.Tensor]:
+    """Stage 1 (`Stage1Output`, `Stage1Weights`): ITC, ITM, ITG and the alignment loss."""
+    q = out.qformer
+    losses: dict[str, torch.Tensor] = {}
+    if w.itc > 0:
+        losses["itc_loss"] = w.itc * itc_loss(q.sim_i2t, q.sim_t2i, q.temp, q.offset, w.label_smoothing, q.same_image)
+    if w.itm > 0:
+        losses["itm_loss"] = w.itm * itm_loss(q.itm_logits)
+    if w.itg > 0:
+        losses["itg_loss"] = w.itg * lm_loss(q.itg_logits, q.itg_labels, shift=True, label_smoothing=w.label_smoothing)
+    if q.prompts is not None:
+        losses.update(align_terms(q.prompts, out.align_target, w.align))
+    return losses
+
+
+def stage2_terms(out, w) -> dict[str, torch.Tensor]:
+    """Stage 2 (`Stage2Output`, `Stage2Weights`): the frozen LLM's (prefix-)LM loss and the alignment loss."""
+    losses = {"lm_loss": w.lm * lm_loss(out.lm.logits, out.lm.labels, shift=out.lm.shift)} if w.lm > 0 else {}
+    losses.update(align_terms(out.prompts, out.align_target, w.align))
+    return losses
+
+
+STAGE_TERMS = {"pformer": lambda model, batch: stage0_terms(model(batch), model.weights, model.llm.embedding_matrix),
+               "qformer": lambda model, batch: stage1_terms(model(batch), model.weights),
+               "llm": lambda model, batch: stage2_terms(model(batch), model.weights)}
+
+
+def stage_losses(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A stage composite's weighted loss terms on a batch and their sum under "loss" (a training step's
+    losses, for tests and benchmarks that drive a composite without the loop)."""
+    return with_total(STAGE_TERMS[model.stage](model, batch))

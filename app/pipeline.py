@@ -84,6 +84,11 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def is_pipeline_config(path: Optional[str]) -> bool:
+    """Whether the YAML at `path` is a pipeline config (its sections) rather than a stage config."""
+    return bool(path) and any(k in read_yaml_mapping(path) for k in ("pipeline", "common", "stage0", "stage1", "stage2"))
+
+
 def load_pipeline_config(path: Optional[str], overrides: Optional[list[str]] = None) -> PipelineConfig:
     raw: dict[str, Any] = read_yaml_mapping(path) if path else {}
     for key in raw:
@@ -225,10 +230,8 @@ def run_pipeline(config: PipelineConfig, out_dir: Optional[str] = None, parent_r
     base = resolve_paths(config.stage_config("stage0"))
     uri, experiment = base.mlflow.tracking_uri, base.mlflow.experiment
     client = tracking.client(uri)
-    run_tags = {"stage": "pipeline", "arms": ",".join(p.arms)}
-    if parent_run_id:
-        run_tags["mlflow.parentRunId"] = parent_run_id
-    parent = client.create_run(tracking.experiment_id(uri, experiment), run_name=invocation, tags=run_tags).info.run_id
+    parent = tracking.create_run(uri, experiment, invocation, {"stage": "pipeline", "arms": ",".join(p.arms)},
+                                 parent_run_id)
     if params:
         from mlflow.entities import Param
 
@@ -309,5 +312,5 @@ def run_pipeline(config: PipelineConfig, out_dir: Optional[str] = None, parent_r
     print(f"[pipeline] done in {summary['seconds']:.0f} s; comparison (caption metrics on "
           f"{p.eval_data or 'the validation images'}):")
     print(text)
-    print(f"[pipeline] outputs in {out}; browse the runs: {tracking.ui_command(uri)}")
+    print(f"[pipeline] outputs in {out}; browse the runs: {tracking.ui_command(uri, experiment)}")
     return summary

@@ -5,31 +5,32 @@ The training loop (`app.train.loop`) is shared; it asks the stage for everything
 
 from __future__ import annotations
 
-import json
-import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
-import pyarrow.fs as pafs
 import torch
+from transformers import AutoTokenizer
 
 from app import storage
-from app.storage import local_model
 from app.config import Config, ConfigError
-from app.data import images as image_data
 from app.data import text as text_data
-from app.models.frozen import freeze
-from app.models.llm import FrozenLLM, resolve_dtype
+from app.data import captions as caption_data
+from app.data.captions import CaptionSpec
+from app.data.feature_cache import check_cache, pformer_column, read_manifest
+from app.data.samples import cached_dataset, image_text_dataset
+from app.data.sources import PictureSubset, check_shards, first_pictures
+from app.models.blip2 import LLMPretrain, QFormerPretrain, Stage1Weights, Stage2Weights
+from app.models.llm import FrozenLLM, llm_embed_dim, llm_is_encoder_decoder, resolve_dtype
 from app.models.pformer import HEADS_FILE as PFORMER_HEADS_FILE
 from app.models.pformer import PFormer
 from app.models.pformer_lm import PFormerLM, PFormerLossWeights
 from app.models.qformer import HEADS_FILE as QFORMER_HEADS_FILE
-from app.train.checkpoint import (MANIFEST_FILE, WEIGHTS_FILE, CheckpointError, check_stage, load_submodule,
-                                  unwrap)
-
-
-def looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
+from app.models.qformer import QFormer
+from app.models.vision import VisionEncoder, image_size_for
+from app.storage import local_model
+from app.losses import stage0_terms, stage1_terms, stage2_terms, with_total
+from app.train.checkpoint import CheckpointError, check_stage, find_checkpoint, load_submodule, local_checkpoint, unwrap
 
 
 def check_model_path(key: str, value: str, s3: storage.S3Options) -> None:
@@ -37,34 +38,53 @@ def check_model_path(key: str, value: str, s3: storage.S3Options) -> None:
     if storage.is_s3(value):
         if not storage.exists(value, s3):
             raise ConfigError(f"{key}: no model at {value}")
-    elif looks_local(value) and not Path(value).expanduser().is_dir():
-        raise ConfigError(f"{key}: no such model folder: {value}")
+    elif storage.looks_local(value) and not Path(value).expanduser().is_dir():
+        hint = (" (run `python -m jobs.prepare_demo` to make the embedded models)"
+                if ".demo" in Path(value).parts else "")
+        raise ConfigError(f"{key}: no such folder '{value}'{hint}")
 
 
-def llm_is_encoder_decoder(name_or_path: str) -> bool:
-    from transformers import AutoConfig
-
-    return bool(AutoConfig.from_pretrained(name_or_path).is_encoder_decoder)
-
-
-def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cut every `<name>_ids`/`<name>_mask` pair to its longest row (data is right-padded to a fixed width)."""
-    out = dict(batch)
-    for key in batch:
-        if key.endswith("_mask"):
-            name = key[: -len("_mask")]
-            width = max(1, int(batch[key].sum(dim=1).max()))
-            out[key] = batch[key][:, :width]
-            if f"{name}_ids" in batch:
-                out[f"{name}_ids"] = batch[f"{name}_ids"][:, :width]
-    return out
+# Config keys (or whole sections) every stage reads, and those of the data sections the stages share.
+COMMON_READS = ("stage", "run", "storage", "mlflow", "scaling", "train", "data.caption_style", "data.max_chars",
+                "data.max_skipped_fraction", "data.max_txt_len", "data.max_words", "data.prefetch_batches",
+                "data.shuffle_buffer_rows", "loss.label_smoothing", "model.contrastive_dim", "model.dropout",
+                "model.llm", "model.llm_dtype", "model.num_query_tokens", "model.pformer", "model.temp_init")
+IMAGE_TEXT_READS = ("data.caption_column", "data.horizontal_flip", "data.image_column", "data.image_format",
+                    "data.image_size", "data.min_crop_scale", "data.num_frames", "data.train", "data.train_features",
+                    "data.train_pictures", "data.val", "data.val_max_batches", "init_from.pformer", "loss.align_weight",
+                    "model.cross_attention_freq", "model.frame_pooling", "model.qformer", "model.vision",
+                    "model.vision_dtype")
 
 
-class PFormerStage:
+class Stage:
+    """What the loop asks every stage for. `compute_losses(model, batch)` returns the named loss terms of
+    one step, each already weighted (the weights resolved from `cfg.loss` when the model was built); the
+    step's loss is their sum (`losses`). `reads`: the config keys the stage uses beyond COMMON_READS (a
+    sweep over any other key would train identical trials)."""
+
+    name = ""
+    loss_keys: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
+
+    def reads_key(self, key: str) -> bool:
+        return any(key == r or key.startswith(r + ".") for r in COMMON_READS + self.reads)
+
+    def compute_losses(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def losses(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weighted terms and their sum under "loss" (what the loop logs and backpropagates)."""
+        return with_total(self.compute_losses(model, batch))
+
+
+class PFormerStage(Stage):
     """Stage 0: text only. P-Former learns the soft prompts from which the frozen LLM rebuilds a sentence."""
 
     name = "pformer"
     loss_keys = ("lm_loss", "contrastive_loss", "vocab_loss")
+    reads = ("data.text", "data.text_column", "data.text_format", "loss.contrastive_views", "loss.contrastive_weight",
+             "loss.gather_with_grad", "loss.lm_weight", "loss.mask_prob", "loss.vocab_weight",
+             "model.llm_dropout_in_training")
     limit_skipped = False  # blank lines are normal in text corpora: counted, never a reason to stop
 
     def validate(self, cfg: Config, s3: storage.S3Options) -> Config:
@@ -104,6 +124,9 @@ class PFormerStage:
         return PFormerLM(pformer, llm, weights, mask_token_id=tokenizer.mask_token_id, protected_ids=protected,
                          llm_dropout=cfg.model.llm_dropout_in_training)
 
+    def compute_losses(self, model: PFormerLM, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return stage0_terms(model(batch), model.weights, model.llm.embedding_matrix)
+
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """LLM tokens processed (input + target), for tokens/s; a device tensor, so no sync per step."""
         return sum(batch[k].sum() for k in ("llm_mask", "llm_target_mask") if k in batch)
@@ -122,66 +145,7 @@ class PFormerStage:
 # stages 1 and 2
 
 
-def resolve_checkpoint(key: str, uri: str, s3: storage.S3Options) -> str:
-    """`uri` when it is a checkpoint (holds manifest.json), else the latest `checkpoint_*` inside it (a run
-    folder `storage_path/name`). ConfigError naming `key` when neither."""
-    if storage.exists(storage.join(uri, MANIFEST_FILE), s3):
-        return uri
-    try:
-        fs, path = storage.resolve(uri, s3)
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError as err:
-        raise ConfigError(f"{key}: cannot list {uri}: {err}") from None
-    found = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
-                   and i.base_name.startswith("checkpoint_"))
-    for name in reversed(found):
-        candidate = storage.join(uri, name)
-        if storage.exists(storage.join(candidate, MANIFEST_FILE), s3):
-            return candidate
-    raise ConfigError(f"{key}: no checkpoint at {uri} (expected a checkpoint folder with {MANIFEST_FILE}, "
-                      f"or a run folder with checkpoint_* folders)")
-
-
-def read_json(uri: str, s3: storage.S3Options | None = None) -> dict[str, Any]:
-    fs, path = storage.resolve(uri, s3)
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode("utf-8"))
-
-
-def checkpoint_manifest(key: str, uri: str, expected: str, s3: storage.S3Options) -> dict[str, Any]:
-    manifest = read_json(storage.join(uri, MANIFEST_FILE), s3)
-    if manifest.get("stage") != expected:
-        raise CheckpointError(f"{key}: {uri} is a '{manifest.get('stage')}' checkpoint; a '{expected}' checkpoint "
-                              f"is needed (stage {STAGE_NUMBER[expected]})")
-    return manifest
-
-
-def local_checkpoint(uri: str, part: str, s3: storage.S3Options | None) -> str:
-    """A local folder holding a checkpoint's weights, manifest and the named extras folder (no optimiser)."""
-    return storage.local_model(uri, s3, only=(WEIGHTS_FILE, MANIFEST_FILE, part))
-
-
-def load_frozen_pformer(uri: str, s3: storage.S3Options | None) -> PFormer:
-    """The stage-0 P-Former from its checkpoint, strictly (every weight present and matching), frozen."""
-    directory = local_checkpoint(uri, "pformer", s3)
-    check_stage(directory, "pformer", role="init_from.pformer")
-    pformer = PFormer.from_architecture(Path(directory) / "pformer")
-    load_submodule(pformer, directory, "pformer")
-    return freeze(pformer)
-
-
-def llm_embed_dim(name_or_path: str) -> int:
-    """Width of the LLM's input embeddings, from its config alone (no weights)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(name_or_path)
-    for attr in ("word_embed_proj_dim", "d_model", "hidden_size", "n_embd"):
-        if getattr(config, attr, None):
-            return int(getattr(config, attr))
-    raise ConfigError(f"model.llm: cannot tell the embedding width of {name_or_path}")
-
-
-class ImageTextStage:
+class ImageTextStage(Stage):
     """What stages 1 and 2 share: shard datasets, the frozen image encoder and the P-Former targets.
     Each stage says which tokenizers its captions need (`caption_spec`)."""
 
@@ -197,14 +161,14 @@ class ImageTextStage:
             uri = getattr(cfg.data, key)
             if uri:
                 try:
-                    image_data.check_shards(uri, cfg.data.image_format, s3)
+                    check_shards(uri, cfg.data.image_format, s3)
                 except (FileNotFoundError, ValueError, OSError) as err:
                     raise ConfigError(f"data.{key}: {err}") from None
         check_model_path("model.vision", cfg.model.vision, s3)
         check_model_path("model.llm", cfg.model.llm, s3)
         self.picture_subset(cfg, s3)
 
-    def picture_subset(self, cfg: Config, s3: storage.S3Options) -> Optional[image_data.PictureSubset]:
+    def picture_subset(self, cfg: Config, s3: storage.S3Options) -> Optional[PictureSubset]:
         """data.train_pictures: the pictures this run trains on (None: all of data.train)."""
         if cfg.data.train_pictures is None:
             return None
@@ -212,22 +176,22 @@ class ImageTextStage:
             raise ConfigError("data.train_pictures selects pictures of data.train shards; a feature cache "
                               "(data.train_features) is read whole: cache the subset's shards instead")
         try:
-            return image_data.first_pictures(cfg.data.train, cfg.data.train_pictures, cfg.data.image_format, s3,
+            return first_pictures(cfg.data.train, cfg.data.train_pictures, cfg.data.image_format, s3,
                                              cfg.data.caption_column, cfg.data.image_column)
         except (ValueError, OSError) as err:
             raise ConfigError(f"data.train_pictures: {err}") from None
 
     def _check_pformer(self, cfg: Config, uri: Optional[str], llm_dim: int, s3: storage.S3Options) -> Optional[str]:
         """Resolve and check the P-Former checkpoint the alignment loss needs (None when the weight is 0)."""
-        weight = cfg.loss.align_weight_for(self.name)
+        weight = cfg.loss.align_weight
         if weight == 0:
             return None
         if not uri:
             raise ConfigError(f"loss.align_weight is {weight:g} for stage '{self.name}', which needs a stage-0 "
                               f"P-Former: set init_from.pformer (or loss.align_weight=0 for plain BLIP-2)")
-        uri = resolve_checkpoint("init_from.pformer", uri, s3)
-        manifest = checkpoint_manifest("init_from.pformer", uri, "pformer", s3)
-        heads = read_json(storage.join(uri, "pformer", PFORMER_HEADS_FILE), s3)
+        uri, manifest = find_checkpoint(uri, ("pformer",), s3, key="init_from.pformer",
+                                        purpose=f"the alignment loss of stage '{self.name}'")
+        heads = storage.read_json(storage.join(uri, "pformer", PFORMER_HEADS_FILE), s3)
         if heads["num_query_tokens"] != cfg.model.num_query_tokens:
             raise ConfigError(f"init_from.pformer predicts {heads['num_query_tokens']} prompts but "
                               f"model.num_query_tokens is {cfg.model.num_query_tokens}: the P-Former and the Q-Former "
@@ -237,27 +201,15 @@ class ImageTextStage:
                               f"({manifest.get('frozen', {}).get('llm')}); this run's LLM has width {llm_dim}")
         return uri
 
-    def image_size(self, cfg: Config, s3: storage.S3Options | None) -> int:
-        from app.models.vision import vision_config
-
-        return cfg.data.image_size or int(vision_config(storage.local_model(cfg.model.vision, s3)).image_size)
-
     def _check_cache(self, cfg: Config, s3: storage.S3Options) -> None:
         """data.train_features must be a finished cache made with this run's frozen models (after the P-Former
         is resolved): CacheError naming the mismatch otherwise."""
         if cfg.data.train_features:
-            from app.cache import check_cache
-
             check_cache(cfg, s3)
 
     def datasets(self, cfg: Config, counter, s3: storage.S3Options) -> dict[str, Any]:
-        size, spec = self.image_size(cfg, s3), self.caption_spec(cfg, s3)
+        size, spec = image_size_for(cfg, s3), self.caption_spec(cfg, s3)
         if cfg.data.train_features:
-            from dataclasses import replace
-
-            from app.cache import read_manifest
-            from app.data.features import cached_dataset, pformer_column
-
             manifest = read_manifest(cfg.data.train_features, s3)
             cached_spec = replace(spec, pformer=None) if pformer_column(manifest) else spec
             train = cached_dataset(cfg.data.train_features, cfg, manifest, train=True, image_size=size,
@@ -266,26 +218,31 @@ class ImageTextStage:
             subset = self.picture_subset(cfg, s3)
             if subset is not None:
                 print(f"[{self.name}] data.train_pictures={subset.count}: training on {subset.describe()}", flush=True)
-            train = image_data.image_text_dataset(cfg.data.train, cfg, train=True, image_size=size, captions=spec,
+            train = image_text_dataset(cfg.data.train, cfg, train=True, image_size=size, captions=spec,
                                                   counter=counter, s3=s3, subset=subset)
         out = {"train": train}
         if cfg.data.val:
             rows = cfg.data.val_max_batches * cfg.train.batch_size_per_worker * cfg.scaling.num_workers
-            out["val"] = image_data.image_text_dataset(cfg.data.val, cfg, train=False, image_size=size, captions=spec,
+            out["val"] = image_text_dataset(cfg.data.val, cfg, train=False, image_size=size, captions=spec,
                                                        counter=counter, count_prefix="val_", s3=s3).limit(rows)
         return out
 
-    def vision(self, cfg: Config, s3: storage.S3Options | None):
-        from app.models.vision import VisionEncoder
-
+    def vision(self, cfg: Config, s3: storage.S3Options | None) -> VisionEncoder:
         return VisionEncoder.from_pretrained(storage.local_model(cfg.model.vision, s3),
                                              dtype=resolve_dtype(cfg.model.vision_dtype, cfg.scaling.use_gpu),
                                              final_layernorm=not cfg.model.train_ln_vision)
 
     def pformer(self, cfg: Config, s3: storage.S3Options | None) -> Optional[PFormer]:
-        if cfg.loss.align_weight_for(self.name) == 0:
+        if cfg.loss.align_weight == 0:
             return None
-        return load_frozen_pformer(cfg.init_from.pformer, s3)
+        return PFormer.load_frozen(cfg.init_from.pformer, s3)
+
+    def manifest(self, cfg: Config) -> dict[str, Any]:
+        return {"stage": self.name, "frozen": {"vision": cfg.model.vision, "pformer": cfg.init_from.pformer,
+                                               "llm": cfg.model.llm},
+                "num_query_tokens": cfg.model.num_query_tokens, "num_frames": cfg.data.num_frames,
+                "train_features": cfg.data.train_features, "align_weight": cfg.loss.align_weight,
+                "ln_vision": cfg.model.train_ln_vision}
 
     def save_extras(self, model, directory: Path, cfg: Config, s3: storage.S3Options | None = None) -> None:
         """The Q-Former's architecture and tokenizer ([DEC] included), for stage 2, evaluation and export."""
@@ -298,6 +255,8 @@ class QFormerStage(ImageTextStage):
 
     name = "qformer"
     loss_keys = ("itc_loss", "itm_loss", "itg_loss", "align_loss", "align_mse")
+    reads = IMAGE_TEXT_READS + ("loss.gather_with_grad", "loss.itc_same_image_positives", "loss.itc_weight",
+                                "loss.itg_weight", "loss.itm_weight", "model.train_ln_vision")
 
     def validate(self, cfg: Config, s3: storage.S3Options) -> Config:
         self._check_data(cfg, s3)
@@ -305,7 +264,6 @@ class QFormerStage(ImageTextStage):
         cfg = cfg.model_copy(deep=True)
         llm_dim = llm_embed_dim(storage.local_model(cfg.model.llm, s3))
         cfg.init_from.pformer = self._check_pformer(cfg, cfg.init_from.pformer, llm_dim, s3)
-        cfg.loss.align_weight = cfg.loss.align_weight_for(self.name)
         if cfg.loss.itc_same_image_positives and cfg.data.train_features:
             raise ConfigError("loss.itc_same_image_positives needs the image ids of data.train shards; a feature cache "
                               "(data.train_features) does not carry them")
@@ -315,16 +273,13 @@ class QFormerStage(ImageTextStage):
                               "at least 2 samples")
         return cfg
 
-    def caption_spec(self, cfg: Config, s3) -> image_data.CaptionSpec:
+    def caption_spec(self, cfg: Config, s3) -> CaptionSpec:
         pformer = storage.join(cfg.init_from.pformer, "pformer") if cfg.init_from.pformer else None
-        return image_data.CaptionSpec(qformer=cfg.model.qformer, pformer=pformer, max_txt_len=cfg.data.max_txt_len,
+        return CaptionSpec(qformer=cfg.model.qformer, pformer=pformer, max_txt_len=cfg.data.max_txt_len,
                                       max_chars=cfg.data.max_chars, caption_style=cfg.data.caption_style,
                                       max_words=cfg.data.max_words)
 
-    def build_model(self, cfg: Config, s3: storage.S3Options | None = None):
-        from app.models.blip2 import QFormerPretrain, Stage1Weights
-        from app.models.qformer import QFormer
-
+    def build_model(self, cfg: Config, s3: storage.S3Options | None = None) -> QFormerPretrain:
         vision = self.vision(cfg, s3)
         qformer, tokenizer = QFormer.from_bert(
             storage.local_model(cfg.model.qformer, s3), num_query_tokens=cfg.model.num_query_tokens,
@@ -333,22 +288,21 @@ class QFormerStage(ImageTextStage):
             temp_init=cfg.model.temp_init, dropout=cfg.model.dropout, num_frames=cfg.data.num_frames or 0,
             frame_pooling=cfg.model.frame_pooling, ln_vision=cfg.model.train_ln_vision)
         weights = Stage1Weights(itc=cfg.loss.itc_weight, itm=cfg.loss.itm_weight, itg=cfg.loss.itg_weight,
-                                align=cfg.loss.align_weight_for(self.name), label_smoothing=cfg.loss.label_smoothing,
+                                align=cfg.loss.align_weight, label_smoothing=cfg.loss.label_smoothing,
                                 gather_with_grad=cfg.loss.gather_with_grad,
                                 same_image_positives=cfg.loss.itc_same_image_positives)
         model = QFormerPretrain(vision, qformer, self.pformer(cfg, s3), weights)
         model.qformer_tokenizer = tokenizer
         return model
 
+    def compute_losses(self, model: QFormerPretrain, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return stage1_terms(model(batch), model.weights)
+
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["qformer_mask"].sum()
 
     def manifest(self, cfg: Config) -> dict[str, Any]:
-        return {"stage": self.name, "frozen": {"vision": cfg.model.vision, "pformer": cfg.init_from.pformer,
-                                               "llm": cfg.model.llm},
-                "qformer_init": cfg.model.qformer, "num_query_tokens": cfg.model.num_query_tokens,
-                "num_frames": cfg.data.num_frames, "train_features": cfg.data.train_features,
-                "align_weight": cfg.loss.align_weight_for(self.name), "ln_vision": cfg.model.train_ln_vision}
+        return {**super().manifest(cfg), "qformer_init": cfg.model.qformer}
 
 
 class LLMStage(ImageTextStage):
@@ -356,6 +310,7 @@ class LLMStage(ImageTextStage):
 
     name = "llm"
     loss_keys = ("lm_loss", "align_loss", "align_mse")
+    reads = IMAGE_TEXT_READS + ("init_from.qformer", "loss.lm_weight", "model.llm_dropout_in_training", "model.prompt")
 
     def validate(self, cfg: Config, s3: storage.S3Options) -> Config:
         self._check_data(cfg, s3)
@@ -363,13 +318,13 @@ class LLMStage(ImageTextStage):
         if not cfg.init_from.qformer:
             raise ConfigError("init_from.qformer: stage 'llm' starts from a stage-1 checkpoint; set it to the "
                               "checkpoint (or run folder) of jobs.pretrain_qformer")
-        cfg.init_from.qformer = resolve_checkpoint("init_from.qformer", cfg.init_from.qformer, s3)
-        manifest = checkpoint_manifest("init_from.qformer", cfg.init_from.qformer, "qformer", s3)
+        cfg.init_from.qformer, manifest = find_checkpoint(cfg.init_from.qformer, ("qformer",), s3,
+                                                          key="init_from.qformer", purpose="stage 2")
         frozen = manifest.get("frozen", {})
         if frozen.get("vision") and frozen["vision"] != cfg.model.vision:
             raise ConfigError(f"model.vision is {cfg.model.vision}, but the stage-1 checkpoint "
                               f"{cfg.init_from.qformer} was trained on {frozen['vision']}")
-        heads = read_json(storage.join(cfg.init_from.qformer, "qformer", QFORMER_HEADS_FILE), s3)
+        heads = storage.read_json(storage.join(cfg.init_from.qformer, "qformer", QFORMER_HEADS_FILE), s3)
         if heads["num_query_tokens"] != cfg.model.num_query_tokens:
             raise ConfigError(f"model.num_query_tokens is {cfg.model.num_query_tokens}, but the stage-1 Q-Former has "
                               f"{heads['num_query_tokens']} queries")
@@ -395,32 +350,26 @@ class LLMStage(ImageTextStage):
                               f"({cfg.model.llm}) has width {llm_dim}: run stage 1 with the same model.llm")
         # The P-Former: as configured, else the one stage 1 was aligned to (recorded in its manifest).
         cfg.init_from.pformer = self._check_pformer(cfg, cfg.init_from.pformer or frozen.get("pformer"), llm_dim, s3)
-        cfg.loss.align_weight = cfg.loss.align_weight_for(self.name)
         self._check_cache(cfg, s3)
         return cfg
 
-    def caption_spec(self, cfg: Config, s3) -> image_data.CaptionSpec:
+    def caption_spec(self, cfg: Config, s3) -> CaptionSpec:
         pformer = storage.join(cfg.init_from.pformer, "pformer") if cfg.init_from.pformer else None
-        return image_data.CaptionSpec(pformer=pformer, llm=cfg.model.llm,
+        return CaptionSpec(pformer=pformer, llm=cfg.model.llm,
                                       llm_is_encoder_decoder=llm_is_encoder_decoder(storage.local_model(cfg.model.llm, s3)),
                                       prompt=cfg.model.prompt, max_txt_len=cfg.data.max_txt_len,
                                       max_chars=cfg.data.max_chars, caption_style=cfg.data.caption_style,
                                       max_words=cfg.data.max_words)
 
-    def build_model(self, cfg: Config, s3: storage.S3Options | None = None):
-        from transformers import AutoTokenizer
-
-        from app.models.blip2 import LLMPretrain, Stage2Weights
-        from app.models.qformer import QFormer
-
+    def build_model(self, cfg: Config, s3: storage.S3Options | None = None) -> LLMPretrain:
         directory = local_checkpoint(cfg.init_from.qformer, "qformer", s3)
         check_stage(directory, "qformer", role="init_from.qformer")
         qformer = QFormer.from_architecture(Path(directory) / "qformer", dropout=cfg.model.dropout)
         load_submodule(qformer, directory, "qformer")
         llm_path = storage.local_model(cfg.model.llm, s3)
         llm = FrozenLLM.from_pretrained(llm_path, dtype=resolve_dtype(cfg.model.llm_dtype, cfg.scaling.use_gpu))
-        prompt_length = 0 if llm.is_encoder_decoder else image_data.prompt_length(llm_path, cfg.model.prompt)
-        weights = Stage2Weights(lm=cfg.loss.lm_weight, align=cfg.loss.align_weight_for(self.name))
+        prompt_length = 0 if llm.is_encoder_decoder else caption_data.prompt_length(llm_path, cfg.model.prompt)
+        weights = Stage2Weights(lm=cfg.loss.lm_weight, align=cfg.loss.align_weight)
         if (qformer.ln_vision is not None) != cfg.model.train_ln_vision:
             raise CheckpointError(f"init_from.qformer: the Q-Former {'has' if qformer.ln_vision is not None else 'has no'} "
                                   f"trained ln_vision but model.train_ln_vision is {cfg.model.train_ln_vision}")
@@ -429,23 +378,21 @@ class LLMStage(ImageTextStage):
         model.qformer_tokenizer = AutoTokenizer.from_pretrained(Path(directory) / "qformer")
         return model
 
+    def compute_losses(self, model: LLMPretrain, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return stage2_terms(model(batch), model.weights)
+
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(batch[k].sum() for k in ("llm_mask", "llm_target_mask") if k in batch)
 
     def manifest(self, cfg: Config) -> dict[str, Any]:
-        return {"stage": self.name, "frozen": {"vision": cfg.model.vision, "pformer": cfg.init_from.pformer,
-                                               "llm": cfg.model.llm},
-                "init_from": {"qformer": cfg.init_from.qformer}, "num_query_tokens": cfg.model.num_query_tokens,
-                "num_frames": cfg.data.num_frames, "train_features": cfg.data.train_features,
-                "align_weight": cfg.loss.align_weight_for(self.name), "prompt": cfg.model.prompt,
-                "ln_vision": cfg.model.train_ln_vision}
+        return {**super().manifest(cfg), "init_from": {"qformer": cfg.init_from.qformer}, "prompt": cfg.model.prompt}
 
 
-STAGE_NUMBER = {"pformer": 0, "qformer": 1, "llm": 2}
 STAGES = {"pformer": PFormerStage, "qformer": QFormerStage, "llm": LLMStage}
 
 
-def get_stage(name: str):
+def get_stage(name: str) -> Stage:
     if name not in STAGES:
         raise ConfigError(f"stage: '{name}' is not implemented (available: {sorted(STAGES)})")
     return STAGES[name]()
+

@@ -7,11 +7,12 @@ profile; they are never passed through configs, logged, or written to MLflow.
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -73,6 +74,31 @@ def join(uri: str, *parts: str) -> str:
 def exists(uri: str, options: S3Options | None = None) -> bool:
     fs, path = resolve(uri, options)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_json(uri: str, options: S3Options | None = None) -> Any:
+    """The JSON document at `uri` (FileNotFoundError when there is none)."""
+    fs, path = resolve(uri, options)
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def write_json(uri: str, data: Any, options: S3Options | None = None) -> None:
+    """Write `data` as indented JSON at `uri` (parent folders are created on local disks)."""
+    fs, path = resolve(uri, options)
+    if isinstance(fs, pafs.LocalFileSystem):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(data, indent=2).encode("utf-8"))
+
+
+def list_names(uri: str, options: S3Options | None = None, *, folders: bool = False) -> list[str]:
+    """Sorted base names of the files (or, with `folders`, the sub-folders) directly under `uri`; [] when
+    it does not exist."""
+    fs, path = resolve(uri, options)
+    wanted = pafs.FileType.Directory if folders else pafs.FileType.File
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == wanted)
 
 
 def _has_glob(path: str) -> bool:
@@ -169,3 +195,12 @@ def local_model(value: str, options: S3Options | None = None, only: tuple[str, .
             if stale != target and not stale.name.count(".tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
     return str(target)
+
+
+def looks_local(path: str) -> bool:
+    """A local path rather than a Hugging Face id: it starts with `.`, `/` or `~`, exists, or its first
+    folder exists (`models/opt` beside a `models/` folder; `facebook/opt-2.7b` is an id)."""
+    if path.startswith((".", "/", "~")) or os.path.exists(path):
+        return True
+    head, sep, _ = path.partition("/")
+    return bool(sep) and os.path.isdir(head)

@@ -31,24 +31,11 @@ from typing import Any, Optional, Union
 
 from app import tracking
 from app.config import Config, ConfigError, build_config, read_yaml_mapping
+from app.stages import get_stage
+from app.sweep_report import format_rows, pick_best, sweep_rows, write_sweep_outputs
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
-# Keys a stage reads nothing from: sweeping them would train identical trials.
-UNUSED_BY_STAGE = {
-    "pformer": ("data.train", "data.val", "data.image_format", "data.image_column", "data.caption_column",
-                "data.image_size", "data.min_crop_scale", "data.horizontal_flip", "data.val_max_batches",
-                "data.train_pictures", "model.vision", "model.vision_dtype", "model.qformer", "model.cross_attention_freq", "model.prompt",
-                "init_from.pformer", "init_from.qformer", "loss.align_weight", "loss.itc_weight",
-                "loss.itm_weight", "loss.itg_weight", "data.num_frames", "data.train_features", "model.frame_pooling",
-                "model.train_ln_vision", "loss.itc_same_image_positives", "cache"),
-    "qformer": ("data.text", "data.text_format", "data.text_column", "model.prompt", "init_from.qformer",
-                "loss.lm_weight", "loss.contrastive_weight", "loss.vocab_weight", "loss.contrastive_views",
-                "loss.mask_prob", "model.llm_dropout_in_training", "cache"),
-    "llm": ("data.text", "data.text_format", "data.text_column", "loss.contrastive_weight", "loss.vocab_weight",
-            "loss.contrastive_views", "loss.mask_prob", "loss.itc_weight", "loss.itm_weight", "loss.itg_weight",
-            "loss.gather_with_grad", "loss.itc_same_image_positives", "model.train_ln_vision", "cache"),
-}
 # What a stage sweep ranks trials by unless --metric says otherwise: the stage's main loss without the
 # alignment term, so trials with different align weights compare on the same quantity.
 DEFAULT_METRIC = {"pformer": "lm_loss", "qformer": "itc_loss", "llm": "lm_loss"}
@@ -143,19 +130,19 @@ def _override(value: Any) -> str:
 def check_stage_space(dims: list[Dimension], raw: dict, overrides: list[str]) -> Config:
     """Every candidate value must make a valid stage config, and the stage must use every key."""
     base = build_config(copy.deepcopy(raw), overrides)  # (build_config writes overrides into the mapping)
-    unused = UNUSED_BY_STAGE[base.stage]
+    stage = get_stage(base.stage)
     for d in dims:
         if d.key in ("stage", "run.name") or d.key.startswith("mlflow."):
             raise ConfigError(f"search space: '{d.key}' cannot be swept (each trial sets its own run name and "
                               "logs to the sweep's MLflow experiment)")
-        if any(d.key == u or d.key.startswith(u + ".") for u in unused):
-            raise ConfigError(f"search space: stage '{base.stage}' does not use '{d.key}'; sweeping it would "
-                              "train identical trials")
-        for value in d.candidates():
+        for value in d.candidates():  # unknown keys and bad values first, named by the config's own checks
             try:
                 build_config(copy.deepcopy(raw), [*overrides, f"{d.key}={_override(value)}"])
             except ConfigError as err:
                 raise ConfigError(f"search space: '{d.key}' = {value!r}: {err}") from None
+        if not stage.reads_key(d.key):
+            raise ConfigError(f"search space: stage '{base.stage}' does not use '{d.key}'; sweeping it would "
+                              "train identical trials")
     if any(d.key == "model.num_query_tokens" for d in dims) and base.stage in ("qformer", "llm"):
         sources = [k for k, v in (("init_from.pformer", base.init_from.pformer),
                                   ("init_from.qformer", base.init_from.qformer if base.stage == "llm" else None)) if v]
@@ -179,13 +166,13 @@ def check_pipeline_space(dims: list[Dimension], config_path: Optional[str], over
             raise ConfigError(f"search space: '{d.key}' cannot be swept in a pipeline sweep")
         stage = {"stage0": "pformer", "stage1": "qformer", "stage2": "llm"}.get(head)
         rest = d.key.split(".", 1)[1] if "." in d.key else ""
-        if stage and any(rest == u or rest.startswith(u + ".") for u in UNUSED_BY_STAGE[stage]):
-            raise ConfigError(f"search space: stage '{stage}' ({head}) does not use '{rest}'")
         for value in d.candidates():
             try:
                 load_pipeline_config(config_path, [*overrides, f"{d.key}={_override(value)}"])
             except ConfigError as err:
                 raise ConfigError(f"search space: '{d.key}' = {value!r}: {err}") from None
+        if stage and not get_stage(stage).reads_key(rest):
+            raise ConfigError(f"search space: stage '{stage}' ({head}) does not use '{rest}'")
     return base
 
 
@@ -226,6 +213,27 @@ def _pipeline_trial(params: dict[str, Any], *, config_path: Optional[str], overr
     metrics = {k: v for k, v in result["eval"]["metrics"].items() if isinstance(v, (int, float))}
     tune.report({**metrics, "checkpoint": result["stage2"]["checkpoint"], "mlflow_run_id": summary["parent_run_id"],
                  "run_name": summary["invocation"]})
+
+
+def stopped_trial_settler(tracking_uri: str, parent: str):
+    """A Tune callback that marks the MLflow runs of a trial the scheduler stopped (cut off mid-run: its
+    stage never ended its run, or ended it as FAILED on the interruption) KILLED as the trial ends; they
+    keep the metrics logged until then. Runs of finished trials are FINISHED already; those of trials that
+    really failed stay FAILED (`on_trial_error` is not this). A trial that ends its run after this ran
+    finds it KILLED and leaves it so (`app.tracking.end_run`)."""
+    from ray import tune
+
+    class SettleStoppedTrials(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            client = tracking.client(tracking_uri)
+            experiment = client.get_run(parent).info.experiment_id
+            runs = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and "
+                                                                  f"tags.trial_id = '{trial.trial_id}'")
+            for run in runs:
+                if run.info.status in ("RUNNING", "FAILED"):
+                    client.set_terminated(run.info.run_id, "KILLED")
+
+    return SettleStoppedTrials()
 
 
 def single_host() -> bool:
@@ -286,8 +294,8 @@ def run_sweep(dims: list[Dimension], settings: SweepSettings, *, config_path: Op
 
     uri, experiment = base.mlflow.tracking_uri, base.mlflow.experiment
     client = tracking.client(uri)
-    parent = client.create_run(tracking.experiment_id(uri, experiment), run_name=name,
-                               tags={"stage": "sweep", "sweep_of": stage_label, "metric": metric, "mode": mode}).info.run_id
+    parent = tracking.create_run(uri, experiment, name, {"stage": "sweep", "sweep_of": stage_label, "metric": metric,
+                                                         "mode": mode})
     from mlflow.entities import Param
 
     client.log_batch(parent, params=[Param(f"space.{d.key}", d.describe()[:500]) for d in dims] + [
@@ -333,11 +341,11 @@ def run_sweep(dims: list[Dimension], settings: SweepSettings, *, config_path: Op
             tune_config=tune.TuneConfig(num_samples=settings.num_samples, max_concurrent_trials=concurrent,
                                         scheduler=scheduler, metric=metric, mode=mode),
             run_config=tune.RunConfig(name=name, storage_path=str(out / "tune"), verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      callbacks=[stopped_trial_settler(uri, parent)]),
         )
         results = tuner.fit()
         rows = sweep_rows(results, dims, None if pipeline else base.train.max_steps)
-        close_stopped_runs(client, parent, {r["trial_id"] for r in rows if r["status"] == "STOPPED"})
         best = pick_best(rows, metric, mode)
         summary = {"name": name, "parent_run_id": parent, "tracking_uri": uri, "metric": metric, "mode": mode,
                    "trials": rows, "best": best, "wall_s": round(time.time() - started, 1),
@@ -356,103 +364,9 @@ def run_sweep(dims: list[Dimension], settings: SweepSettings, *, config_path: Op
         if best:
             print(f"[sweep] best: {best['trial_id']} {metric}={best['metrics'][metric]:.4g} "
                   f"{best['params']} checkpoint {best.get('checkpoint')}", flush=True)
-        print(f"[sweep] outputs in {out}; browse the runs: mlflow ui --backend-store-uri {uri}", flush=True)
+        print(f"[sweep] outputs in {out}; browse the runs: {tracking.ui_command(uri, experiment)}", flush=True)
         return summary
     finally:
         client.set_terminated(parent, status)
 
 
-def sweep_rows(results, dims: list[Dimension], max_steps: Optional[int]) -> list[dict[str, Any]]:
-    """One row per trial. DONE: the trial function finished and made its final report (it carries the run
-    name); STOPPED: the scheduler stopped it after one of the training loop's reports, possibly the one at
-    the last step (ASHA's top rung can fall on max_steps), before its stage could finish."""
-    rows = []
-    for result in results:
-        cfg = result.config or {}
-        metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))
-                   and not isinstance(v, bool)}
-        info = result.metrics or {}
-        rows.append({"trial_id": info.get("trial_id") or Path(str(result.path)).name,
-                     "params": {d.key: cfg.get(d.key) for d in dims},
-                     "status": "ERROR" if result.error else (
-                         "STOPPED" if max_steps and not info.get("run_name") else "DONE"),
-                     "metrics": metrics, "checkpoint": info.get("checkpoint") or info.get("checkpoint_path"),
-                     "mlflow_run_id": info.get("mlflow_run_id"), "run_name": info.get("run_name"),
-                     "steps": info.get("step"),
-                     "error": str(result.error).splitlines()[0][:300] if result.error else None})
-    return sorted(rows, key=lambda r: r["trial_id"])
-
-
-def close_stopped_runs(client, parent: str, stopped: set[str]) -> None:
-    """A trial the scheduler stopped was cut off mid-run: its stage either never ended its MLflow run
-    (RUNNING) or ended it as FAILED on the interruption. Mark those children KILLED (they keep the metrics
-    logged until then); runs of trials that really failed stay FAILED."""
-    experiment = client.get_run(parent).info.experiment_id
-    settled = 0
-    for _ in range(20):  # an interrupted trial may still be ending its run: repeat until two passes change nothing
-        changed = False
-        for run in client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
-            cut_off = run.data.tags.get("trial_id") in stopped and run.info.status not in ("FINISHED", "KILLED")
-            if run.info.status == "RUNNING" or cut_off:
-                client.set_terminated(run.info.run_id, "KILLED")
-                changed = True
-        settled = 0 if changed else settled + 1
-        if settled >= 2:
-            return
-        time.sleep(1.0)
-
-
-def pick_best(rows: list[dict], metric: str, mode: str) -> Optional[dict]:
-    """The best trial among those that ran to the end: a trial ASHA stopped early reports an earlier
-    step's metric (not comparable) and has no final checkpoint. Falls back to stopped trials only when
-    none finished."""
-    scored = [r for r in rows if r["status"] != "ERROR" and isinstance(r["metrics"].get(metric), (int, float))]
-    finished = [r for r in scored if r["status"] == "DONE"]
-    candidates = finished or scored
-    if not candidates:
-        return None
-    return (min if mode == "min" else max)(candidates, key=lambda r: r["metrics"][metric])
-
-
-def format_rows(rows: list[dict], dims: list[Dimension], metric: str) -> str:
-    head = ["trial", *(d.key for d in dims), metric, "steps", "status"]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
-    for r in rows:
-        value = r["metrics"].get(metric)
-        cells = [r["trial_id"], *(f"{r['params'].get(d.key)}" for d in dims),
-                 f"{value:.4g}" if isinstance(value, (int, float)) else "-", str(r.get("steps") or "-"), r["status"]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_sweep_outputs(summary: dict, dims: list[Dimension], out: Path) -> None:
-    """sweep.json (everything), sweep.md (the table) and sweep.png (metric against each numeric key)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
-    (out / "sweep.md").write_text(format_rows(summary["trials"], dims, summary["metric"]) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric = summary["metric"]
-    plotted = [d for d in dims if any(isinstance(r["params"].get(d.key), (int, float)) for r in summary["trials"])]
-    panels = plotted or dims[:1]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, d in zip(axes[0], panels):
-        points = [(r["params"].get(d.key), r["metrics"].get(metric)) for r in summary["trials"]
-                  if isinstance(r["metrics"].get(metric), (int, float))]
-        xs = [p[0] for p in points]
-        numeric = all(isinstance(x, (int, float)) for x in xs)
-        ax.scatter(xs if numeric else [str(x) for x in xs], [p[1] for p in points])
-        if numeric and xs and min(xs) > 0 and (d.kind == "loguniform" or max(xs) / min(xs) >= 50):
-            ax.set_xscale("log")
-        elif numeric and xs and min(xs) == 0 and max(xs) >= 50:  # e.g. align weights 0, 10, 100
-            ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel(d.key)
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{summary['name']}: {metric} per trial ({summary['mode']} is best)")
-    fig.tight_layout()
-    fig.savefig(out / "sweep.png", dpi=100)
-    plt.close(fig)

@@ -51,12 +51,33 @@ def default_artifact_location(tracking_uri: str, name: str) -> Optional[str]:
     return str(Path(tracking_uri[len(prefix):]).parent / "mlruns" / name)
 
 
+# MLflow 3 opens an experiment on its GenAI "Traces" view unless the experiment says it holds model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(tracking_uri: str, name: str) -> str:
+    """The experiment's id, created (with its artifacts beside a SQLite store) when it does not exist yet;
+    tagged as a model-training experiment so the MLflow UI opens on its runs table."""
     c = client(tracking_uri)
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return c.create_experiment(name, artifact_location=default_artifact_location(tracking_uri, name))
+    if exp is None:
+        return c.create_experiment(name, artifact_location=default_artifact_location(tracking_uri, name),
+                                   tags=EXPERIMENT_KIND)
+    if any(exp.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):
+        for key, value in EXPERIMENT_KIND.items():
+            c.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
+
+
+def create_run(tracking_uri: str, experiment: str, name: str, tags: Optional[dict[str, Any]] = None,
+               parent_run_id: Optional[str] = None) -> str:
+    """A new run (status RUNNING) in `experiment`, a child of `parent_run_id` when given; returns its id.
+    Every run of the project is created here (stages through `start_run`)."""
+    all_tags = {k: str(v) for k, v in (tags or {}).items()}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    return client(tracking_uri).create_run(experiment_id(tracking_uri, experiment), run_name=name,
+                                           tags=all_tags).info.run_id
 
 
 def find_run(tracking_uri: str, experiment: str, run_name: str, storage_path: str) -> Optional[str]:
@@ -86,10 +107,7 @@ def start_run(cfg, tags: dict[str, str], parent_run_id: Optional[str] = None,
         commit = git_commit()
         if commit:
             all_tags["git_commit"] = commit
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run = c.create_run(experiment_id(uri, cfg.mlflow.experiment), run_name=cfg.run.name, tags=all_tags)
-        run_id = run.info.run_id
+        run_id = create_run(uri, cfg.mlflow.experiment, cfg.run.name, all_tags, parent_run_id)
         params = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in sorted(cfg.flat().items())]
         for start in range(0, len(params), 100):
             c.log_batch(run_id, params=params[start:start + 100])
@@ -134,7 +152,15 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     mlflow_client.set_terminated(run_id, status=status)
 
 
-def ui_command(tracking_uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+def ui_command(tracking_uri: str, experiment: Optional[str] = None) -> str:
+    """How to browse the runs: the `mlflow ui` command for a local store (its runs table at the URL printed
+    after it), or the server's runs table."""
+    page = ""
+    if experiment:
+        exp = client(tracking_uri).get_experiment_by_name(experiment)
+        page = f"#/experiments/{exp.experiment_id}/runs" if exp is not None else ""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}" + (f"  then open http://127.0.0.1:5000/{page}" if page else "")
 
 

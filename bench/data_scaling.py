@@ -255,7 +255,7 @@ def run_grid(args, llm: str, pictures: list[int]) -> dict[str, Any]:
     from app import tracking
     from app.demo.assets import prepare_demo_assets
     from app.pipeline import load_pipeline_config, run_pipeline
-    from app.train.launcher import init_ray, resolve_paths, run_stage
+    from app.train.launcher import init_ray, resolve_paths
 
     json_path = Path(args.out)
     results = load_results(json_path)
@@ -283,9 +283,8 @@ def run_grid(args, llm: str, pictures: list[int]) -> dict[str, Any]:
     client = tracking.client(uri)
     parent = results["parents"].get(llm)
     if parent is None:
-        parent = client.create_run(tracking.experiment_id(uri, args.experiment),
-                                   run_name=f"data-scaling-{llm}{args.label and '-' + args.label}",
-                                   tags={"stage": "data-scaling", "llm": llm, "evaluated_on": args.eval}).info.run_id
+        parent = tracking.create_run(uri, args.experiment, f"data-scaling-{llm}{args.label and '-' + args.label}",
+                                     {"stage": "data-scaling", "llm": llm, "evaluated_on": args.eval})
         results["parents"][llm] = parent
         save_results(json_path, results)
     else:

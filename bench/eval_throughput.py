@@ -27,7 +27,7 @@ DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "flickr8k" / "images"
 def loop_side(checkpoint: str, files: list[Path], options) -> tuple[float, list[str]]:
     import torch
 
-    from app.data.images import decode_image, transform_image
+    from app.data.transforms import decode_image, transform_image
     from app.evaluation.model import TrainedBLIP2
 
     model = TrainedBLIP2.from_checkpoint(checkpoint, device="cpu")
@@ -45,10 +45,10 @@ def ray_side(checkpoint: str, files: list[Path], options, batch_size: int, num_a
 
     from app.evaluation import data as eval_data
     from app.evaluation.inference import InferenceSettings, run_generation
-    from app.evaluation.model import find_checkpoint
+    from app.train.checkpoint import find_checkpoint
     from app.evaluation.tasks import checkpoint_image_size
 
-    uri, manifest = find_checkpoint(checkpoint, None, ("llm",), "captioning")
+    uri, manifest = find_checkpoint(checkpoint, ("llm",), None, purpose="captioning")
     items = [eval_data.eval_item(f"{i:06d}-{p.name}", str(p), (), manifest.get("prompt") or "") for i, p in enumerate(files)]
     start = time.perf_counter()
     result = run_generation(eval_data.items_dataset(items), checkpoint=uri, image_size=checkpoint_image_size(uri, None),

@@ -30,7 +30,9 @@ def plain_loop(cfg, steps: int, warmup: int) -> float:
     import torch
 
     from app.data.text import preprocess_text_batch
-    from app.stages import PFormerStage, trim_padding
+    from app.data.captions import trim_padding
+    from app.losses import stage_losses
+    from app.stages import PFormerStage
     from app.train.optim import build_optimizer, build_scheduler
 
     lines = Path(cfg.data.text).read_text().splitlines()
@@ -53,7 +55,7 @@ def plain_loop(cfg, steps: int, warmup: int) -> float:
     for i, batch in enumerate(batches):
         if i == warmup:
             start = time.perf_counter()
-        losses = model(trim_padding(batch))
+        losses = stage_losses(model, trim_padding(batch))
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip_norm)
         optimizer.step()

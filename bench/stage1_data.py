@@ -7,7 +7,7 @@ written as WebDataset shards (one sample per caption, 4,375 samples) -> read the
 the JPEG -> random resized crop + flip to image-size -> clean the caption -> tokenize it for the
 Q-Former/P-Former (BERT WordPiece) and the LLM (byte-level BPE) -> uint8 pixels + int token arrays.
 The plain loop calls the same functions (`iter_tar_samples`, `preprocess_image_batch`) in one process;
-the Ray side is `app.data.images.image_text_dataset`, the exact dataset stage 1 trains on, consumed
+the Ray side is `app.data.samples.image_text_dataset`, the exact dataset stage 1 trains on, consumed
 with `iter_batches` as the trainer's shard iterator would. Throughput is the steady state: the first
 batch (worker start-up, imports) is left out on both sides. Prints one JSON line; record it in
 bench/RESULTS.md.
@@ -32,13 +32,15 @@ FLICKR = Path(os.environ.get("PFORMER_SHARED_DATA", ROOT.parent / "shared" / "da
 def plain_loop(shards: list[Path], spec, image_size: int, batch_size: int, passes: int) -> tuple[float, int]:
     import pyarrow as pa
 
-    from app.data.images import SCHEMA, iter_tar_samples, preprocess_image_batch
+    from app.data.samples import preprocess_image_batch
+    from app.data.media import MediaSpec
+    from app.data.sources import SCHEMA, iter_tar_samples
 
     samples, start, rows = 0, None, []
 
     def flush():
         nonlocal samples, start, rows
-        out = preprocess_image_batch(pa.Table.from_pylist(rows, schema=SCHEMA), image_size=image_size, train=True,
+        out = preprocess_image_batch(pa.Table.from_pylist(rows, schema=SCHEMA), media=MediaSpec(size=image_size, train=True),
                                      captions=spec)
         rows = []
         if start is None:  # the first batch pays the tokenizer loading: left out, as on the Ray side
@@ -59,7 +61,7 @@ def plain_loop(shards: list[Path], spec, image_size: int, batch_size: int, passe
 
 
 def ray_pipeline(shard_dir: Path, spec, cfg, image_size: int, batch_size: int, passes: int) -> tuple[float, int]:
-    from app.data.images import image_text_dataset
+    from app.data.samples import image_text_dataset
 
     samples, start = 0, None
     for _ in range(passes):
@@ -84,7 +86,7 @@ def main() -> int:
     import ray
 
     from app.config import tiny_config
-    from app.data.images import CaptionSpec
+    from app.data.captions import CaptionSpec
     from app.data.shards import load_captions_json, make_shards
     from app.demo.assets import prepare_demo_assets
 

@@ -192,6 +192,8 @@ def batch(s: Shapes, stage: str, size: int, cached: bool, device: torch.device, 
 
 def measure(s: Shapes, stage: str, cached: bool, size: int, steps: int, warmup: int, device: torch.device,
             dtype: torch.dtype, model=None) -> tuple[dict, object]:
+    from app.losses import stage_losses
+
     model = model or build(s, stage, device, dtype)
     model.train()
     params = list(model.trainable_parameters())
@@ -208,7 +210,7 @@ def measure(s: Shapes, stage: str, cached: bool, size: int, steps: int, warmup: 
             torch.cuda.synchronize()
         start = time.perf_counter()
         with autocast:
-            losses = model(batches[step % 2])
+            losses = stage_losses(model, batches[step % 2])
         losses["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

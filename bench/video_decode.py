@@ -11,7 +11,7 @@ one from the centre of each equal segment of the clip, resized to image-size (bi
              an RGB array, take the sampled ones, resize them with Pillow.
   same-fn    the project's decoder (`app.data.video.clip_pixels`: converts only the sampled frames and
              stops after the last) in the same single-process loop: the decoding strategy alone.
-  ray        `app.data.images.image_text_dataset` with data.num_frames (the dataset stages 1 and 2 train
+  ray        `app.data.samples.image_text_dataset` with data.num_frames (the dataset stages 1 and 2 train
              on: tar read, decode, sample, transform), consumed with `iter_batches` as a trainer would.
 
 Eval transforms on all sides (centre positions, no crop), so the work is identical. Warm: the loops
@@ -81,7 +81,8 @@ def loop(clips: list[tuple[str, bytes]], fn) -> tuple[float, int]:
 
 
 def ray_side(shard_dir: Path, cfg, size: int, batch_size: int) -> tuple[float, int]:
-    from app.data.images import CaptionSpec, image_text_dataset
+    from app.data.captions import CaptionSpec
+    from app.data.samples import image_text_dataset
 
     def one_pass(uri: str) -> int:
         ds = image_text_dataset(uri, cfg, train=False, image_size=size, captions=CaptionSpec())

@@ -11,57 +11,40 @@ uses them all as references).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 
 from app import storage
+from app.cli import parser, run_command
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", help="folder with the image (or video) files; default: the folder of --captions")
-    source = parser.add_mutually_exclusive_group(required=True)
+    p = parser(__doc__)
+    p.add_argument("--images", help="folder with the image (or video) files; default: the folder of --captions")
+    source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--captions", help="captions.json: {file: [captions]}")
     source.add_argument("--coco-annotations", help="COCO caption annotation file (images + annotations)")
-    parser.add_argument("--out", required=True, help="output folder or s3:// prefix")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    parser.add_argument("--per", choices=("caption", "file"), default="caption")
-    parser.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS environment)")
-    parser.add_argument("--s3-region", default=None)
-    parser.add_argument("--summary", help="write the shard index (counts) to this JSON file as well")
-    args = parser.parse_args(argv)
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--per", choices=("caption", "file"), default="caption")
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL (default: AWS environment)")
+    p.add_argument("--s3-region", default=None)
+    p.add_argument("--summary", help="write the shard index (counts) to this JSON file as well")
+    args = p.parse_args(argv)
 
-    import ray
+    def body() -> dict:
+        from app.data.shards import shards_from_listing
 
-    from app.data.shards import listed_keys, load_captions_json, load_coco_annotations, make_shards
+        index = shards_from_listing(images=args.images, captions=args.captions, coco_annotations=args.coco_annotations,
+                                    out=args.out, shard_size=args.shard_size, per=args.per,
+                                    s3=storage.S3Options(args.s3_endpoint, args.s3_region))
+        print(f"wrote {index['samples']} samples from {index['files']} files into {len(index['shards'])} shards "
+              f"at {args.out} ({index['bytes'] / 2**20:.1f} MiB); skipped: {index['skipped_missing_files']} missing "
+              f"files, {index['skipped_uncaptioned_files']} without captions")
+        if index["missing_examples"]:
+            print(f"missing files (first {len(index['missing_examples'])}): {', '.join(index['missing_examples'])}")
+        return index
 
-    try:
-        if args.coco_annotations and not args.images:
-            raise ValueError("--coco-annotations needs --images (the folder of the images it names)")
-        images = args.images or os.path.dirname(os.path.abspath(args.captions))
-        captions = (load_captions_json(args.captions) if args.captions else load_coco_annotations(args.coco_annotations))
-        keys = listed_keys(args.captions) if args.captions else None
-        if not ray.is_initialized():
-            if os.environ.get("RAY_ADDRESS"):
-                ray.init()
-            else:  # extra logical CPUs: on a 2-core machine Ray Data would otherwise get no budget
-                ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
-        index = make_shards(images, captions, args.out, shard_size=args.shard_size, per=args.per,
-                            s3=storage.S3Options(args.s3_endpoint, args.s3_region), keys=keys)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {index['samples']} samples from {index['files']} files into {len(index['shards'])} shards "
-          f"at {args.out} ({index['bytes'] / 2**20:.1f} MiB); skipped: {index['skipped_missing_files']} missing "
-          f"files, {index['skipped_uncaptioned_files']} without captions")
-    if index["missing_examples"]:
-        print(f"missing files (first {len(index['missing_examples'])}): {', '.join(index['missing_examples'])}")
-    if args.summary:
-        with open(args.summary, "w") as f:
-            json.dump(index, f, indent=2)
-    return 0
+    return run_command(body, args.summary, expected=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

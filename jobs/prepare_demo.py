@@ -7,6 +7,7 @@
 import argparse
 import sys
 
+from app.cli import run_command
 from app.demo.assets import DEFAULT_ROOT, VIDEO_DATA, prepare_demo_assets, prepare_video_assets
 
 
@@ -23,19 +24,17 @@ def main(argv=None) -> int:
     parser.add_argument("--text", default=str(VIDEO_DATA / "text" / "msrvtt_captions.tsv"),
                         help="--video: caption text (.tsv with a 'caption' column) for the tokenizers and the T5")
     args = parser.parse_args(argv)
-    if args.video:
-        try:
+
+    def body() -> dict:
+        if args.video:
             paths = prepare_video_assets(args.root, args.clips, args.text)
-        except (FileNotFoundError, ValueError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        else:
+            paths = prepare_demo_assets(args.root, llms=("opt", "t5") if args.with_t5 else ("opt",))
         for name, path in paths.items():
             print(f"{name}: {path}")
-        return 0
-    llms = ("opt", "t5") if args.with_t5 else ("opt",)
-    for name, path in prepare_demo_assets(args.root, llms=llms).items():
-        print(f"{name}: {path}")
-    return 0
+        return paths
+
+    return run_command(body, expected=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -9,15 +9,19 @@ import pyarrow as pa
 import pytest
 import torch
 
-from app.data.images import SCHEMA, CaptionSpec, iter_tar_samples, preprocess_image_batch
+from app.data.captions import CaptionSpec
+from app.data.samples import preprocess_image_batch
+from app.data.media import MediaSpec
+from app.data.sources import SCHEMA, iter_tar_samples
 from app.models.blip2 import LLMPretrain, QFormerPretrain, Stage1Weights, Stage2Weights
 from app.models.llm import FrozenLLM
 from app.models.pformer import PFormer
 from app.models.qformer import QFormer, multimodal_causal_mask
 from app.models.vision import VisionEncoder
-from app.stages import trim_padding
+from app.data.captions import trim_padding
 from app.train.checkpoint import CheckpointError, TrainerState, load_submodule, save_checkpoint
 from app.train.optim import build_optimizer
+from app.losses import stage_losses
 
 from conftest import FLICKR, photo, write_tar
 
@@ -33,7 +37,7 @@ def photo_batch(tmp_path, tiny_models, kind="opt", count=6):
         rows = list(iter_tar_samples(f, path))
     spec = CaptionSpec(qformer=tiny_models["bert"], pformer=tiny_models["bert"], llm=tiny_models[kind],
                        llm_is_encoder_decoder=kind == "t5", max_txt_len=16)
-    out = preprocess_image_batch(pa.Table.from_pylist(rows, schema=SCHEMA), image_size=32, train=True, captions=spec)
+    out = preprocess_image_batch(pa.Table.from_pylist(rows, schema=SCHEMA), media=MediaSpec(size=32, train=True), captions=spec)
     return trim_padding({k: torch.from_numpy(v).long() if k != "pixels" else torch.from_numpy(v) for k, v in out.items()})
 
 
@@ -80,7 +84,7 @@ def test_frozen_parts_stay_frozen_while_the_qformer_learns(stage, kind, tiny_mod
     assert torch.equal(first, second) and not first.requires_grad
     optimizer = build_optimizer(model.trainable_parameters(), 1e-3, 0.05, (0.9, 0.999))
     for _ in range(3):
-        losses = model(batch)
+        losses = stage_losses(model, batch)
         losses["loss"].backward()
         for name, module in frozen.items():
             assert all(p.grad is None for p in module.parameters()), name
@@ -99,7 +103,7 @@ def test_frozen_parts_stay_frozen_while_the_qformer_learns(stage, kind, tiny_mod
 def test_baseline_without_pformer_has_no_alignment_and_freezes_llm_proj(tiny_models, tiny_vision, tmp_path):
     vision, qformer, _, _ = parts(tiny_models, tiny_vision)
     model = QFormerPretrain(vision, qformer, None, Stage1Weights(align=0))
-    losses = model(photo_batch(tmp_path, tiny_models))
+    losses = stage_losses(model, photo_batch(tmp_path, tiny_models))
     assert set(losses) == {"itc_loss", "itm_loss", "itg_loss", "loss"}
     assert not qformer.llm_proj.weight.requires_grad
     assert torch.allclose(losses["loss"], losses["itc_loss"] + losses["itm_loss"] + losses["itg_loss"])
@@ -222,6 +226,6 @@ def test_stage2_scores_caption_tokens_only(tiny_models, tiny_vision, tmp_path):
     plain.eval()
     skipped.eval()
     with torch.no_grad():
-        a, b = plain(batch)["lm_loss"], skipped(batch)["lm_loss"]
-    assert set(plain(batch)) == {"lm_loss", "loss"} and not torch.allclose(a, b)
+        a, b = stage_losses(plain, batch)["lm_loss"], stage_losses(skipped, batch)["lm_loss"]
+    assert set(stage_losses(plain, batch)) == {"lm_loss", "loss"} and not torch.allclose(a, b)
     assert np.isfinite(float(b))

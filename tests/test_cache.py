@@ -106,7 +106,7 @@ def test_cache_job_writes_resumes_and_recomputes_nothing(ray_session, stage0, fl
 
 
 def eval_rows(tmp_path, count=8) -> list[dict]:
-    from app.data.images import iter_tar_samples
+    from app.data.sources import iter_tar_samples
 
     captions = json.loads((FLICKR / "captions.json").read_text())
     names = sorted(captions)[:count]
@@ -121,11 +121,15 @@ def test_cached_and_live_losses_agree(kind, dtype, stage0, tiny_models, tiny_vis
     """Stage-1 and stage-2 losses from the cache equal the live ones on the same samples (eval transforms,
     first caption), exactly for float32 and within 16-bit rounding otherwise."""
     from app.cache import INPUT_SCHEMA, CacheEncoder, prepare_cache_batch
-    from app.data.features import preprocess_cached_batch
-    from app.data.images import CaptionSpec, preprocess_image_batch
+    from app.data.feature_cache import decode_cached, preprocess_cached_batch
+    from app.losses import stage_losses
+    from app.data.captions import CaptionSpec
+    from app.data.samples import preprocess_image_batch
+    from app.data.media import MediaSpec
     from app.models.blip2 import LLMPretrain, Stage2Weights
     from app.models.llm import FrozenLLM
-    from app.stages import get_stage, trim_padding
+    from app.data.captions import trim_padding
+    from app.stages import get_stage
 
     rows = eval_rows(tmp_path)
     out = tmp_path / "cache"
@@ -142,18 +146,18 @@ def test_cached_and_live_losses_agree(kind, dtype, stage0, tiny_models, tiny_vis
     spec = CaptionSpec(qformer=tiny_models["bert"], pformer=f"{stage0['opt']['checkpoint']}/pformer",
                        llm=tiny_models["opt"], max_txt_len=cfg.data.max_txt_len)
     no_pformer = CaptionSpec(qformer=spec.qformer, llm=spec.llm, max_txt_len=spec.max_txt_len)
-    live = preprocess_image_batch(table, image_size=32, train=False, captions=spec)
+    live = preprocess_image_batch(table, media=MediaSpec(size=32, train=False), captions=spec)
     if kind == "features":
         cached = preprocess_cached_batch(part, train=False, captions=no_pformer, dtype=dtype, shapes=shapes)
         assert "pixels" not in cached and "pformer_ids" not in cached
     else:
-        cached = preprocess_image_batch(part, image_size=32, train=False, captions=no_pformer,
+        cached = preprocess_image_batch(part, media=MediaSpec(size=32, train=False), captions=no_pformer,
                                         cached=dict(column="sentences", dtype=dtype, shape=shapes["sentences"]))
         assert np.array_equal(cached["pixels"], live["pixels"])  # prompt caches keep the images
 
     def to_torch(batch):
-        return trim_padding({k: torch.from_numpy(np.ascontiguousarray(v)).long() if v.dtype == np.int32
-                             else torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()})
+        return decode_cached(trim_padding({k: torch.from_numpy(np.ascontiguousarray(v)).long() if v.dtype == np.int32
+                                           else torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}))
 
     live, cached = to_torch(live), to_torch(cached)
     assert torch.equal(live["qformer_ids"], cached["qformer_ids"])  # the same captions, in the same order
@@ -167,9 +171,9 @@ def test_cached_and_live_losses_agree(kind, dtype, stage0, tiny_models, tiny_vis
     tolerance = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}[dtype]
     for model in (stage1, stage2):
         torch.manual_seed(1)  # ITM draws its negatives: the same draws on both sides
-        from_live = model(live)
+        from_live = stage_losses(model, live)
         torch.manual_seed(1)
-        from_cache = model(cached)
+        from_cache = stage_losses(model, cached)
         assert set(from_live) == set(from_cache) and "align_loss" in from_live
         for name, value in from_live.items():
             assert torch.allclose(value, from_cache[name], rtol=tolerance, atol=tolerance), (
@@ -184,7 +188,7 @@ def test_a_cache_of_other_models_is_refused_by_name(ray_session, stage0, flickr_
                                                     tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
-    from app.cache import CacheError
+    from app.data.feature_cache import CacheError
     from app.stages import get_stage
     from app import storage
 

@@ -82,7 +82,9 @@ def test_config_files_load(tmp_path):
 
 def test_stage_keys_and_paper_defaults():
     cfg = load_config(ROOT / "configs" / "stage1_opt2.7b.yaml", ["init_from.pformer=s3://b/ckpt", "loss.align_weight=null"])
-    assert cfg.loss.align_weight_for("qformer") == 10 and cfg.loss.align_weight_for("llm") == 100
+    assert cfg.loss.align_weight == 10  # the paper's weight for the stage, resolved when the config is built
+    assert load_config(None, ["stage=llm"]).loss.align_weight == 100
+    assert load_config(None, ["stage=llm", "loss.align_weight=0"]).loss.align_weight == 0
     assert cfg.model.vision == "Salesforce/blip2-opt-2.7b" and cfg.model.num_query_tokens == 32
     assert (cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps, cfg.train.weight_decay) == (1e-4, 1e-5, 5000, 0.05)
     assert load_config(ROOT / "configs" / "stage2_opt2.7b.yaml").train.warmup_steps == 2000

@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 from app.config import ConfigError, load_config
-from app.data.images import first_pictures, image_id_number, iter_tar_samples, picture_name
+from app.data.sources import first_pictures, image_id_number, iter_tar_samples, picture_name
 
 from conftest import FLICKR, ROOT, photo, stage_args, write_tar
 
@@ -127,7 +127,7 @@ def test_parquet_subsets_name_pictures_by_key_and_read_only_theirs(ray_session, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from app.data.images import read_image_text
+    from app.data.sources import read_image_text
 
     captions = json.loads((FLICKR / "captions.json").read_text())
     names = sorted(captions)[:6]

@@ -151,7 +151,7 @@ def test_batched_generation_matches_one_image_at_a_time(chains):
     each row must get exactly the text it gets alone."""
     import torch
 
-    from app.data.images import decode_image, transform_image
+    from app.data.transforms import decode_image, transform_image
     from app.evaluation.model import GenerationOptions, TrainedBLIP2
 
     model = TrainedBLIP2.from_checkpoint(chains["opt"]["stage2"]["checkpoint"], device="cpu")
@@ -280,7 +280,7 @@ def test_export_round_trip_generates_the_same_ids(chains, kind, tmp_path):
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
     from app import storage
-    from app.data.images import decode_image, transform_image
+    from app.data.transforms import decode_image, transform_image
     from app.evaluation.model import GenerationOptions, TrainedBLIP2
     from jobs import export
 

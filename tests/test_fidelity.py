@@ -25,13 +25,15 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_fidelity as tiny
 
+from app.losses import stage_losses
+
 GOLDEN = Path(__file__).parent / "golden" / "fidelity.json"
 
 
 def forward_backward(model, batch, seed: int = 1, train: bool = True):
     model.train(train)
     torch.manual_seed(seed)  # masking, dropout and ITM's negative draws
-    losses = model(batch)
+    losses = stage_losses(model, batch)
     losses["loss"].backward()
     return losses
 
@@ -401,7 +403,7 @@ def test_frozen_llm_dropout_is_on_in_training_and_off_in_validation(stage):
         model.train(train)
         torch.manual_seed(seed)
         with torch.no_grad():
-            return float(model(batch)["lm_loss"])
+            return float(stage_losses(model, batch)["lm_loss"])
 
     model = build(**kwargs)
     assert lm(model, True, 1) != lm(model, True, 2)  # dropout in the frozen LLM (0.1, as OPT-2.7B)
@@ -504,4 +506,4 @@ def test_same_image_positives_spread_the_itc_target_and_are_never_itm_negatives(
     with pytest.raises(ValueError, match="image ids"):
         model, batch = tiny.stage1(same_image_positives=True), tiny.batch()
         batch.pop("image_id")
-        model(batch)
+        stage_losses(model, batch)

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.data.images import (SCHEMA, CaptionSpec, decode_image, iter_tar_samples, preprocess_image_batch,
-                             random_resized_crop_box, transform_image)
+from app.data.captions import CaptionSpec
+from app.data.samples import preprocess_image_batch
+from app.data.media import MediaSpec
+from app.data.sources import SCHEMA, iter_tar_samples
+from app.data.transforms import decode_image, random_resized_crop_box, transform_image
 
 from conftest import FLICKR, bad_samples, encoded, photo, write_tar
 
@@ -98,7 +101,7 @@ def test_preprocess_counts_every_problem_and_keeps_the_rest(ray_session, tmp_pat
     counter = create_counter()
     spec = CaptionSpec(qformer=tiny_models["bert"], pformer=tiny_models["bert"], llm=tiny_models["opt"],
                        prompt="a photo of", max_txt_len=16)
-    out = preprocess_image_batch(pa.Table.from_pylist(rows, schema=SCHEMA), image_size=32, train=True,
+    out = preprocess_image_batch(pa.Table.from_pylist(rows, schema=SCHEMA), media=MediaSpec(size=32, train=True),
                                  captions=spec, counter=counter, keep_text=True)
     counts = read_counts(counter)
     assert counts == {"rows_read": 14, "rows_kept": 9, "skipped_corrupt_image": 2, "skipped_no_caption": 1,
@@ -117,7 +120,7 @@ def test_parquet_shards_read_like_webdataset(ray_session, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from app.data.images import read_image_text
+    from app.data.sources import read_image_text
 
     captions = json.loads((FLICKR / "captions.json").read_text())
     names = sorted(captions)[:5]

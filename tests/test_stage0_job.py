@@ -52,7 +52,7 @@ def _job(args, env=None, timeout=300):
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "wrong_type", "missing_corpus", "empty_corpus", "no_column",
-                                  "missing_model"])
+                                  "missing_model", "missing_demo_model"])
 def test_bad_input_fails_fast_with_a_message_and_no_ray(case, tmp_path, tiny_models):
     good = write_corpus(tmp_path / "good.tsv", coco_captions(50))
     base = overrides(tmp_path, tiny_models, f"sqlite:///{tmp_path / 'm.db'}", **{"data.text": good})
@@ -66,7 +66,10 @@ def test_bad_input_fails_fast_with_a_message_and_no_ray(case, tmp_path, tiny_mod
         "missing_corpus": ([f"data.text={tmp_path / 'nope.txt'}"], "data.text: no such file or folder"),
         "empty_corpus": ([f"data.text={empty}"], "is empty"),
         "no_column": ([f"data.text={nocol}"], "has no column 'caption'"),
-        "missing_model": (["model.llm=./no/such/model"], "model.llm: no such model folder"),
+        "missing_model": (["model.llm=./no/such/model"], "model.llm: no such folder"),
+        # A relative path without "./" is a path, not a Hugging Face id; the demo's folders say how to make them.
+        "missing_demo_model": (["model.llm=.demo/models/no-such-model"],
+                               "no-such-model' (run `python -m jobs.prepare_demo` to make the embedded models)"),
     }[case]
     result = _job(["--config", str(STAGE0), *base, *extra], timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -101,6 +104,8 @@ def test_two_workers_report_losses_checkpoints_and_mlflow(ray_session, tmp_path,
     assert run.data.params["train.max_steps"] == "20" and run.data.params["scaling.num_workers"] == "2"
     assert run.data.tags["checkpoint_uri"] == summary["checkpoint"]
     assert run.data.tags["ray.run_name"] == "two-workers"
+    # The MLflow UI opens a model-training experiment on its runs table (not on the GenAI traces view).
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     for key in ("lm_loss", "contrastive_loss", "vocab_loss", "lr", "samples_per_s", "tokens_per_s"):
         assert history_steps(client, run.info.run_id, key) == [5, 10, 15, 20], key
     assert run.data.metrics["data_skipped_undecodable"] == 1

@@ -33,7 +33,7 @@ def history(uri, run_id, key) -> list[tuple[int, float]]:
 
 
 def test_make_shards_ingests_flickr8k_as_is(ray_session, tmp_path, shared_data):
-    from app.data.images import read_image_text
+    from app.data.sources import read_image_text
 
     done = make_shards_cli("--images", FLICKR / "images", "--captions", FLICKR / "captions.json",
                            "--out", tmp_path / "shards", "--shard-size", "1000", "--summary", tmp_path / "index.json")
@@ -189,7 +189,7 @@ def test_checkpoints_from_before_ln_vision_load_with_the_frozen_layernorm(chains
 
 def read_manifest(uri, summary):
     from app import storage
-    from app.stages import read_json
+    from app.storage import read_json
 
     return read_json(storage.join(uri, "manifest.json"), s3_options(summary))
 

@@ -15,7 +15,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from app.data.images import SCHEMA, CaptionSpec, iter_tar_samples, preprocess_image_batch
+from app.data.captions import CaptionSpec
+from app.data.samples import preprocess_image_batch
+from app.data.media import MediaSpec
+from app.data.sources import SCHEMA, iter_tar_samples
 from app.data.video import clip_pixels, decode_frames, frame_indices, transform_frames
 
 from conftest import ROOT, SHARED_DATA, make_shards_cli, photo, write_tar
@@ -130,7 +133,7 @@ def test_short_clips_repeat_frames_and_images_are_one_frame_clips(tmp_path):
     again = transform_frames([frames[0]] * 8, 32, True, np.random.default_rng(5), min_scale=0.3)
     assert np.array_equal(trained[0], again[0]) and all(np.array_equal(again[0], a) for a in again)
     # An image in a video run: the same picture num_frames times, equal to the image path's eval transform.
-    from app.data.images import decode_image, transform_image
+    from app.data.transforms import decode_image, transform_image
 
     picture, _ = clip_pixels(photo(0), "jpg", num_frames=4, size=32, train=False)
     image = transform_image(decode_image(photo(0), draft_size=64)[0], 32, train=False)
@@ -162,9 +165,9 @@ def test_bad_clips_are_skipped_and_counted_with_shard_and_key(ray_session, tmp_p
         rows = list(iter_tar_samples(f, path))
     assert [r["ext"] for r in rows] == ["mp4"] * 7 + ["jpg"]
     counter = create_counter()
-    with caplog.at_level(logging.WARNING, logger="app.data.images"):
-        out = preprocess_image_batch(pa.Table.from_pylist(rows, schema=SCHEMA), image_size=32, train=True,
-                                     captions=CaptionSpec(), counter=counter, num_frames=4)
+    with caplog.at_level(logging.WARNING, logger="app.data.samples"):
+        out = preprocess_image_batch(pa.Table.from_pylist(rows, schema=SCHEMA), media=MediaSpec(size=32, train=True, num_frames=4),
+                                     captions=CaptionSpec(), counter=counter)
     assert out["pixels"].shape == (4, 4, 32, 32, 3)  # 3 clips + the photo as a one-frame clip
     counts = read_counts(counter)
     assert counts == {"rows_read": 8, "rows_kept": 4, "skipped_corrupt_video": 1, "skipped_truncated_video": 1,
@@ -176,7 +179,7 @@ def test_bad_clips_are_skipped_and_counted_with_shard_and_key(ray_session, tmp_p
     for key in reasons:
         assert any(key in r.getMessage() and path in r.getMessage() for r in caplog.records), key
     # An image model refuses clips by name instead of calling them corrupt images.
-    out = preprocess_image_batch(pa.Table.from_pylist(rows[:1], schema=SCHEMA), image_size=32, train=False,
+    out = preprocess_image_batch(pa.Table.from_pylist(rows[:1], schema=SCHEMA), media=MediaSpec(size=32, train=False),
                                  captions=CaptionSpec(), counter=None)
     assert out == {}
     assert any("set data.num_frames" in r.getMessage() for r in caplog.records)
@@ -187,7 +190,7 @@ def test_bad_clips_are_skipped_and_counted_with_shard_and_key(ray_session, tmp_p
 
 
 def test_make_shards_ingests_msrvtt_as_is(ray_session, tmp_path):
-    from app.data.images import read_image_text
+    from app.data.sources import read_image_text
 
     done = make_shards_cli("--captions", MSRVTT / "captions.json", "--out", tmp_path / "shards", "--per", "file",
                            "--shard-size", "8", "--summary", tmp_path / "index.json")
@@ -212,7 +215,7 @@ def test_images_and_clips_go_through_the_same_qformer_and_losses(tiny_models, ti
     from app.models.pformer import PFormer
     from app.models.qformer import QFormer
     from app.models.vision import VisionEncoder
-    from app.stages import trim_padding
+    from app.data.captions import trim_padding
 
     captions = ["a man is cooking in a kitchen", "a cartoon cat is running", "people dance on a stage"]
     rows = [{"key": f"k{i}", "shard": "s", "image": photo(i), "captions": [c], "problem": None, "ext": "jpg"}
@@ -224,8 +227,8 @@ def test_images_and_clips_go_through_the_same_qformer_and_losses(tiny_models, ti
         return trim_padding({k: torch.from_numpy(v) if k == "pixels" else torch.from_numpy(v).long()
                              for k, v in out.items()})
 
-    image_batch = tensors(preprocess_image_batch(table, image_size=32, train=False, captions=spec))
-    clip_batch = tensors(preprocess_image_batch(table, image_size=32, train=False, captions=spec, num_frames=4))
+    image_batch = tensors(preprocess_image_batch(table, media=MediaSpec(size=32, train=False), captions=spec))
+    clip_batch = tensors(preprocess_image_batch(table, media=MediaSpec(size=32, train=False, num_frames=4), captions=spec))
     assert image_batch["pixels"].shape == (3, 32, 32, 3) and clip_batch["pixels"].shape == (3, 4, 32, 32, 3)
     assert all(torch.equal(clip_batch["pixels"][:, t], image_batch["pixels"]) for t in range(4))
 

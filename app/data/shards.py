@@ -188,3 +188,22 @@ def make_shards(media_dir: str, captions: dict[str, list[str]], out: str, *, sha
     with fs.open_output_stream(f"{out_path}/{INDEX_FILE}") as f:
         f.write(json.dumps(index, indent=2).encode("utf-8"))
     return index
+
+
+def shards_from_listing(*, images: Optional[str], captions: Optional[str], coco_annotations: Optional[str], out: str,
+                        shard_size: int, per: str, s3: Optional[storage.S3Options]) -> dict[str, Any]:
+    """jobs.make_shards: shards from a captions.json ({file: [captions]}, media beside it unless `images`) or a
+    COCO annotation file (with `images`), on this Ray cluster or a local instance; returns the shard index."""
+    import ray
+
+    if coco_annotations and not images:
+        raise ValueError("--coco-annotations needs --images (the folder of the images it names)")
+    media = images or os.path.dirname(os.path.abspath(captions))
+    listing = load_captions_json(captions) if captions else load_coco_annotations(coco_annotations)
+    keys = listed_keys(captions) if captions else None
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:  # extra logical CPUs: on a 2-core machine Ray Data would otherwise get no budget
+            ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+    return make_shards(media, listing, out, shard_size=shard_size, per=per, s3=s3, keys=keys)

@@ -12,7 +12,9 @@ from typing import Optional
 
 import ray
 
-class DataError(ValueError):
+from app.errors import UserError
+
+class DataError(UserError, ValueError):
     """The data produced nothing to train on, or more unusable samples than `data.max_skipped_fraction`."""
 
 

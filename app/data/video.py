@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from app.data.images import random_resized_crop_box
+from app.data.transforms import IMAGE_EXTENSIONS, decode_image, random_resized_crop_box, transform_image
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +144,6 @@ def is_video(ext: str) -> bool:
 
 def media_kind(ext: str, data: bytes) -> str:
     """"video" or "image": by the member's extension; by content when there is none (Parquet rows)."""
-    from app.data.images import IMAGE_EXTENSIONS
-
     ext = ext.lower().lstrip(".")
     if ext in VIDEO_EXTENSIONS:
         return "video"
@@ -164,8 +162,6 @@ def clip_pixels(data: bytes, ext: str, *, num_frames: int, size: int, train: boo
     """uint8 (num_frames, size, size, 3) from a clip, or from an image repeated (a one-frame clip), and the
     original image mode when it was converted to RGB. Raises VideoDecodeError for clips that give no
     frame, and PIL's errors for unreadable images."""
-    from app.data.images import decode_image, transform_image
-
     if media_kind(ext, data) == "video":
         frames = decode_frames(data, num_frames, train, rng)
         return transform_frames(frames, size, train, rng, min_scale, flip), None

@@ -35,7 +35,7 @@ def scene_labels(scenes: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def _pixels(scenes: list[dict], draw_size: int, image_size: int) -> torch.Tensor:
-    from app.data.images import transform_image
+    from app.data.transforms import transform_image
 
     return torch.from_numpy(np.stack([transform_image(draw(s, draw_size), image_size, False) for s in scenes]))
 

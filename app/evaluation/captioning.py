@@ -14,12 +14,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
+from app.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """Results or references that cannot be scored (bad format, no overlap)."""
 
 

@@ -28,8 +28,10 @@ import ray
 from PIL import Image
 
 from app import storage
-from app.data.images import IMAGE_EXTENSIONS, decode_image, read_image_text, transform_image
-from app.data.video import VIDEO_EXTENSIONS, VideoDecodeError, clip_pixels, is_video
+from app.errors import UserError
+from app.data.media import MEDIA_EXTENSIONS, MediaSpec, SkipSample, decode_sample
+from app.data.sources import read_image_text
+from app.data.transforms import transform_image
 from app.data.stats import report_counts
 
 logger = logging.getLogger(__name__)
@@ -38,10 +40,9 @@ THUMB_SIZE = 96
 ITEM_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("path", pa.string()),
                          ("image", pa.binary()), ("refs", pa.string()), ("prompt", pa.string()),
                          ("problem", pa.string()), ("ext", pa.string())])
-MEDIA_EXTENSIONS = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
 
 
-class EvalDataError(ValueError):
+class EvalDataError(UserError, ValueError):
     """An evaluation set that cannot be read (missing files, wrong format, nothing in it)."""
 
 
@@ -53,9 +54,7 @@ def eval_item(id_: Any, path: str, refs: Iterable[str] = (), prompt: str = "", s
 
 def _read_json(path: str, what: str, s3: Optional[storage.S3Options]) -> Any:
     try:
-        fs, p = storage.resolve(path, s3)
-        with fs.open_input_stream(p) as f:
-            return json.loads(f.read().decode("utf-8"))
+        return storage.read_json(path, s3)
     except FileNotFoundError:
         raise EvalDataError(f"{what}: no such file: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -211,6 +210,7 @@ def preprocess_eval_batch(batch: pa.Table, *, image_size: int, counter=None,
     examples: list[dict[str, str]] = []
     kept: list[dict] = []
     pixels, thumbs = [], []
+    media = MediaSpec(size=image_size, num_frames=num_frames or None)
     for row in rows:
         data, problem = row["image"], row["problem"]
         if data is None and problem is None and row["path"]:
@@ -223,22 +223,11 @@ def preprocess_eval_batch(batch: pa.Table, *, image_size: int, counter=None,
                     else f"unreadable_file ({err})"
         if problem is None and not data:
             problem = "no_image"
-        ext = row.get("ext") or ""
-        if problem is None and num_frames:
+        if problem is None:
             try:
-                clip, converted = clip_pixels(data, ext, num_frames=num_frames, size=image_size, train=False)
-                img = Image.fromarray(clip[num_frames // 2])
-            except VideoDecodeError as err:
-                problem = f"{err.reason} ({err})"
-            except Exception as err:  # PIL raises many types for corrupt data
-                problem = f"corrupt_image ({type(err).__name__}: {err})"
-        elif problem is None and is_video(ext):
-            problem = f"video_for_image_model (a .{ext} clip; this checkpoint was trained on images)"
-        elif problem is None:
-            try:
-                img, converted = decode_image(data, draft_size=2 * image_size)
-            except Exception as err:  # PIL raises many types for corrupt data
-                problem = f"corrupt_image ({type(err).__name__}: {err})"
+                array, converted = decode_sample(data, row.get("ext") or "", media)
+            except SkipSample as err:
+                problem = f"{err.reason}{err.detail}"
         if problem is not None:
             reason = problem.split(" ", 1)[0]
             counts[f"skipped_{reason}"] += 1
@@ -247,8 +236,9 @@ def preprocess_eval_batch(batch: pa.Table, *, image_size: int, counter=None,
             continue
         if converted is not None:
             counts[f"converted_{converted.lower().replace(';', '_')}"] += 1
-        pixels.append(clip if num_frames else transform_image(img, image_size, train=False))
-        thumbs.append(transform_image(img, THUMB_SIZE, train=False))
+        pixels.append(array)
+        middle = array[num_frames // 2] if num_frames else array  # a clip's thumbnail is its middle frame
+        thumbs.append(transform_image(Image.fromarray(middle), THUMB_SIZE, train=False))
         kept.append(row)
     counts["rows_kept"] = len(kept)
     report_counts(counter, counts, examples)

@@ -21,16 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from app import storage
-from app.config import ConfigError, load_config
+from app.config import load_config
 from app.models.llm import FrozenLLM, resolve_dtype
 from app.models.qformer import QFormer
 from app.models.vision import VisionEncoder
-from app.train.checkpoint import CONFIG_FILE, CheckpointError, load_submodule
+from app.train.checkpoint import CONFIG_FILE, CheckpointError, find_checkpoint, load_submodule
 
 logger = logging.getLogger(__name__)
-
-STAGE_NAMES = {"pformer": "stage 0 (P-Former)", "qformer": "stage 1 (Q-Former)", "llm": "stage 2 (Q-Former + LLM)"}
-
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -53,27 +50,6 @@ class GenerationOptions:
 
 
 VQA_OPTIONS = GenerationOptions(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
-
-
-def find_checkpoint(uri: str, s3: Optional[storage.S3Options], allowed: Sequence[str], purpose: str) -> tuple[str, dict]:
-    """(checkpoint URI, manifest) for a checkpoint or run folder; CheckpointError naming the problem when
-    there is none or it is of a stage that cannot serve `purpose`."""
-    from app.stages import read_json, resolve_checkpoint
-    from app.train.checkpoint import MANIFEST_FILE
-
-    if not storage.is_s3(uri) and not Path(uri).expanduser().exists():
-        raise CheckpointError(f"--checkpoint: no such checkpoint or run folder: {uri}")
-    try:
-        uri = resolve_checkpoint("--checkpoint", uri, s3 or storage.S3Options())
-    except ConfigError as err:
-        raise CheckpointError(str(err)) from None
-    manifest = read_json(storage.join(uri, MANIFEST_FILE), s3)
-    stage = manifest.get("stage")
-    if stage not in allowed:
-        wanted = " or ".join(f"a {STAGE_NAMES[s]} checkpoint" for s in allowed)
-        raise CheckpointError(f"--checkpoint: {uri} is a {STAGE_NAMES.get(stage, repr(stage))} checkpoint; "
-                              f"{purpose} needs {wanted}")
-    return uri, manifest
 
 
 def default_device() -> torch.device:
@@ -106,7 +82,7 @@ class TrainedBLIP2(nn.Module):
 
         allowed = ("llm",) if need_llm else ("qformer", "llm")
         purpose = "generating text" if need_llm else "retrieval"
-        uri, manifest = find_checkpoint(uri, s3, allowed, purpose)
+        uri, manifest = find_checkpoint(uri, allowed, s3, purpose=purpose)
         directory = Path(storage.local_model(uri, s3, only=(WEIGHTS_FILE, MANIFEST_FILE, CONFIG_FILE, "qformer")))
         cfg = load_config(directory / CONFIG_FILE)
         device = torch.device(device) if device is not None else default_device()

@@ -69,13 +69,9 @@ def start_eval_run(cfg, task: str, checkpoint: str, *, tracking_uri: Optional[st
     if run_id is None:
         parent = parent_run_id or tracking.find_run(uri, cfg.mlflow.experiment, cfg.run.name, cfg.run.storage_path)
         tags = {"task": task, "checkpoint": checkpoint, "stage": "evaluate", tracking.RUN_NAME_TAG: cfg.run.name}
-        if parent:
-            tags["mlflow.parentRunId"] = parent
-        else:
+        if not parent:
             logger.info("no MLflow run of '%s' found at %s: the evaluation gets a run of its own", cfg.run.name, uri)
-        run = client.create_run(tracking.experiment_id(uri, cfg.mlflow.experiment), run_name=f"eval-{task}-{cfg.run.name}",
-                                tags=tags)
-        run_id = run.info.run_id
+        run_id = tracking.create_run(uri, cfg.mlflow.experiment, f"eval-{task}-{cfg.run.name}", tags, parent)
     if params:
         prefix = f"eval_{task}."
         client.log_batch(run_id, params=[Param(prefix + k, str(v)[:500]) for k, v in sorted(params.items())])

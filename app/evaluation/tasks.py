@@ -19,7 +19,8 @@ from app import storage
 from app.evaluation import data as eval_data
 from app.evaluation import report
 from app.evaluation.inference import InferenceResult, InferenceSettings, run_generation
-from app.evaluation.model import GenerationOptions, TrainedBLIP2, find_checkpoint
+from app.evaluation.model import GenerationOptions, TrainedBLIP2
+from app.train.checkpoint import find_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def _merge_duplicates(rows: list[dict]) -> list[dict]:
 
 
 def _resolved_prompt(checkpoint: str, s3, prompt: Optional[str]) -> tuple[str, dict]:
-    uri, manifest = find_checkpoint(checkpoint, s3, ("llm",), "generating text")
+    uri, manifest = find_checkpoint(checkpoint, ("llm",), s3, purpose="generating text")
     if prompt is None:
         prompt = manifest.get("prompt") or ""  # the prompt the checkpoint was trained with
     return prompt, {"uri": uri, "manifest": manifest}
@@ -107,10 +108,9 @@ def checkpoint_image_size(uri: str, s3, cfg=None) -> int:
 
 
 def _manifest(uri: str, s3) -> dict:
-    from app.stages import read_json
     from app.train.checkpoint import MANIFEST_FILE
 
-    return read_json(storage.join(uri, MANIFEST_FILE), s3)
+    return storage.read_json(storage.join(uri, MANIFEST_FILE), s3)
 
 
 def checkpoint_config(uri: str, s3):
@@ -259,7 +259,7 @@ def evaluate_retrieval_task(run: EvalRun, source: EvalSource, k: int = 128, max_
     from app.data.stats import create_counter, read_counts, read_examples
     from app.evaluation.retrieval import evaluate_retrieval
 
-    checkpoint, _ = find_checkpoint(run.checkpoint, run.s3, ("qformer", "llm"), "retrieval")
+    checkpoint, _ = find_checkpoint(run.checkpoint, ("qformer", "llm"), run.s3, purpose="retrieval")
     cfg = checkpoint_config(checkpoint, run.s3)
     counter = create_counter()
     pixels = eval_data.eval_dataset(_source_dataset(source, "", run.s3), image_size=checkpoint_image_size(checkpoint, run.s3, cfg),

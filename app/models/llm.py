@@ -7,12 +7,24 @@ otherwise it stays in eval mode. It returns logits; losses live in `app.losses`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
-from app.losses import IGNORE_INDEX, lm_loss
+from app.losses import IGNORE_INDEX
 from app.models.frozen import freeze
+
+@dataclass
+class LMOutput:
+    """Logits (B, T, V) and labels (B, T) of a caption; `shift`: logits at t predict labels at t + 1
+    (decoder-only) or are aligned with them (encoder-decoder, teacher forcing)."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    shift: bool
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,8 +81,8 @@ class FrozenLLM(nn.Module):
         decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
         return self.model(inputs_embeds=inputs, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
 
-    def caption_loss(self, prompts: torch.Tensor, batch: dict[str, torch.Tensor], ignore_prefix: int = 0) -> torch.Tensor:
-        """LM loss of the caption tokens in `batch` behind the soft prompt (B, Q, D).
+    def caption_logits(self, prompts: torch.Tensor, batch: dict[str, torch.Tensor], ignore_prefix: int = 0) -> LMOutput:
+        """Logits and labels of the caption tokens in `batch` behind the soft prompt (B, Q, D).
 
         Decoder-only: `[prompts; embed(llm_ids)]` predicts `llm_ids`; the first `ignore_prefix` text
         tokens (a text prompt, BOS included) are not scored. Encoder-decoder: the encoder reads
@@ -78,11 +90,24 @@ class FrozenLLM(nn.Module):
         """
         if self.is_encoder_decoder:
             labels = batch["llm_target_ids"].masked_fill(batch["llm_target_mask"] == 0, IGNORE_INDEX)
-            logits = self.seq2seq_logits(prompts, batch["llm_ids"], batch["llm_mask"], labels)
-            return lm_loss(logits, labels, shift=False)
+            return LMOutput(self.seq2seq_logits(prompts, batch["llm_ids"], batch["llm_mask"], labels), labels,
+                            shift=False)
         text_labels = batch["llm_ids"].masked_fill(batch["llm_mask"] == 0, IGNORE_INDEX)
         if ignore_prefix:
             text_labels[:, :ignore_prefix] = IGNORE_INDEX
         labels = torch.cat([text_labels.new_full(prompts.shape[:2], IGNORE_INDEX), text_labels], dim=1)
-        logits = self.decoder_logits(prompts, batch["llm_ids"], batch["llm_mask"])
-        return lm_loss(logits, labels, shift=True)
+        return LMOutput(self.decoder_logits(prompts, batch["llm_ids"], batch["llm_mask"]), labels, shift=True)
+
+
+def llm_is_encoder_decoder(name_or_path: str) -> bool:
+    """Whether the LLM at `name_or_path` is encoder-decoder (T5-style), from its config alone."""
+    return bool(AutoConfig.from_pretrained(name_or_path).is_encoder_decoder)
+
+
+def llm_embed_dim(name_or_path: str) -> int:
+    """Width of the LLM's input embeddings, from its config alone (no weights)."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    for attr in ("word_embed_proj_dim", "d_model", "hidden_size", "n_embd"):
+        if getattr(config, attr, None):
+            return int(getattr(config, attr))
+    raise ValueError(f"model.llm: cannot tell the embedding width of {name_or_path}")

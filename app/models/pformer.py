@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel
 
+from app.models.frozen import freeze
+from app.train.checkpoint import check_stage, load_submodule, local_checkpoint
+
 HEADS_FILE = "pformer_heads.json"
 
 
@@ -66,6 +69,16 @@ class PFormer(nn.Module):
         heads = json.loads((directory / HEADS_FILE).read_text())
         bert = BertModel(BertConfig.from_pretrained(directory), add_pooling_layer=False)
         return cls(bert, **heads)
+
+    @classmethod
+    def load_frozen(cls, uri: str, s3=None) -> "PFormer":
+        """The stage-0 P-Former of a checkpoint (local or s3://), strictly (every weight present and
+        matching), frozen."""
+        directory = local_checkpoint(uri, "pformer", s3)
+        check_stage(directory, "pformer", role="init_from.pformer")
+        pformer = cls.from_architecture(Path(directory) / "pformer")
+        load_submodule(pformer, directory, "pformer")
+        return freeze(pformer)
 
     def prompts_from_sentence(self, sentence: torch.Tensor) -> torch.Tensor:
         batch, hidden = sentence.shape

@@ -1,4 +1,8 @@
-"""Stage 0 composite: P-Former (trainable) -> soft prompt -> frozen LLM reconstructs the sentence."""
+"""Stage 0 composite: P-Former (trainable) -> soft prompt -> frozen LLM's logits over the sentence.
+
+It returns a `Stage0Output`; the losses (LM, sentence contrastive over the global batch, vocabulary
+quantisation) are computed from it by `app.stages.PFormerStage` with `app.losses`.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from app.data.masking import mask_tokens
-from app.losses import contrastive_loss, vocab_loss
 from app.models.frozen import Composite
-from app.models.llm import FrozenLLM
+from app.models.llm import FrozenLLM, LMOutput
 from app.models.pformer import PFormer
-from app.train import dist
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,17 @@ class PFormerLossWeights:
     gather_with_grad: bool = False  # see app.train.dist.gather_features
 
 
+@dataclass
+class Stage0Output:
+    prompts: torch.Tensor      # (B, Q, D_llm)
+    first_view: torch.Tensor   # (B, C) normalised sentence features
+    second_view: torch.Tensor  # (B, C): the same tensor with one view, the second masked view with two
+    temp: torch.Tensor
+    lm: LMOutput
+
+
 class PFormerLM(Composite):
+    stage = "pformer"
     trainable_names = ("pformer",)
     frozen_names = ("llm",)
 
@@ -51,36 +63,14 @@ class PFormerLM(Composite):
             return mask_tokens(ids, self.weights.mask_prob, self.mask_token_id, self.protected_ids)
         return ids
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        w = self.weights
+    def forward(self, batch: dict[str, torch.Tensor]) -> Stage0Output:
         ids, mask = batch["pformer_ids"], batch["pformer_mask"]
         batch_size = ids.shape[0]
-
         # 1. P-Former: one forward, over two independently masked views when contrastive_views=2.
-        views = [self._pformer_inputs(ids) for _ in range(w.contrastive_views)]
+        views = [self._pformer_inputs(ids) for _ in range(self.weights.contrastive_views)]
         out = self.pformer(torch.cat(views), mask.repeat(len(views), 1))
         prompts = out.prompts[:batch_size]  # (B, Q, D)
-
         # 2. Frozen LLM reconstructs the caption from the prompt.
-        losses = {"lm_loss": self.llm.caption_loss(prompts, batch)}
-        total = w.lm_weight * losses["lm_loss"]
-
-        # 3. Sentence-level contrastive loss over the global batch.
-        if w.contrastive_weight > 0:
-            first, second = out.features[:batch_size], out.features[-batch_size:]  # (B, C) each
-            offset = dist.rank() * batch_size
-            loss = contrastive_loss(first, dist.gather_features(second, w.gather_with_grad), out.temp, offset,
-                                    w.label_smoothing)
-            if w.contrastive_views == 2:
-                loss = 0.5 * (loss + contrastive_loss(second, dist.gather_features(first, w.gather_with_grad),
-                                                      out.temp, offset, w.label_smoothing))
-            losses["contrastive_loss"] = loss
-            total = total + w.contrastive_weight * loss
-
-        # 4. Keep prompts near the LLM's input-embedding manifold.
-        if w.vocab_weight > 0:
-            losses["vocab_loss"] = vocab_loss(prompts, self.llm.embedding_matrix)
-            total = total + w.vocab_weight * losses["vocab_loss"]
-
-        losses["loss"] = total
-        return losses
+        lm = self.llm.caption_logits(prompts, batch)
+        return Stage0Output(prompts=prompts, first_view=out.features[:batch_size],
+                            second_view=out.features[-batch_size:], temp=out.temp, lm=lm)

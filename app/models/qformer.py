@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -34,10 +35,44 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from transformers.utils import logging as transformers_logging
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
+from app.losses import IGNORE_INDEX, hard_negative_indices, itc_similarities, same_image_mask
+from app.train import dist
+
 logger = logging.getLogger(__name__)
 
 HEADS_FILE = "qformer_heads.json"
 DEC_TOKEN = "[DEC]"
+
+
+@dataclass(frozen=True)
+class Passes:
+    """Which passes a Q-Former call runs besides the queries (stage 1: those whose loss weight is > 0)."""
+
+    prompts: bool = True  # llm_proj of the queries (stage 2, and stage 1's alignment loss)
+    itc: bool = False
+    itm: bool = False
+    itg: bool = False
+    gather_with_grad: bool = False      # ITC: see app.train.dist.gather_features
+    same_image_positives: bool = False  # captions of one image: ITC positives, never ITM negatives
+
+
+@dataclass
+class QFormerOutput:
+    """One Q-Former call's tensors (None where the pass did not run); losses are computed from them
+    (`app.losses`), retrieval reads the features. N = the global batch (every worker's samples)."""
+
+    query_output: torch.Tensor                   # (B, Q, H)
+    prompts: Optional[torch.Tensor] = None       # (B, Q, D_llm)
+    image_feats: Optional[torch.Tensor] = None   # (B, Q, C) normalised, one per query
+    text_feat: Optional[torch.Tensor] = None     # (B, C) normalised [CLS]
+    sim_i2t: Optional[torch.Tensor] = None       # (B, N) best query of each local image x every caption
+    sim_t2i: Optional[torch.Tensor] = None       # (B, N) each local caption x best query of every image
+    temp: Optional[torch.Tensor] = None          # ITC temperature, clamped to [0.001, 0.5]
+    offset: int = 0                              # column of local row 0 in the global batch
+    same_image: Optional[torch.Tensor] = None    # (B, N) bool, with same_image_positives
+    itm_logits: Optional[torch.Tensor] = None    # (3B, 2): positives, (image, negative text), (negative image, text)
+    itg_logits: Optional[torch.Tensor] = None    # (B, L, V)
+    itg_labels: Optional[torch.Tensor] = None    # (B, L), IGNORE_INDEX at padding
 
 
 class QFormer(nn.Module):
@@ -239,15 +274,65 @@ class QFormer(nn.Module):
         """The soft prompt (B, Q, D_llm)."""
         return self.llm_proj(self.encode_image(image_embeds))
 
-    def forward(self, image_embeds: torch.Tensor, objective: str = "prompts", **inputs):
-        """One entry point, so DDP sees every pass: "prompts" (stage 2) or "stage1" (see `app.models.blip2`)."""
-        if objective == "prompts":
-            return self.prompts(image_embeds)
-        if objective == "stage1":
-            from app.models.blip2 import stage1_losses
+    def forward(self, image_embeds: torch.Tensor, text_ids: Optional[torch.Tensor] = None,
+                text_mask: Optional[torch.Tensor] = None, passes: Passes = Passes(),
+                image_ids: Optional[torch.Tensor] = None) -> QFormerOutput:
+        """Every pass a step needs, in one call so that DDP sees them all: the queries and their soft
+        prompt, and with text the stage-1 passes named in `passes` (see `QFormerOutput`).
 
-            return stage1_losses(self, image_embeds, **inputs)
-        raise ValueError(f"unknown objective {objective!r}")
+        ITC as the reference: sim_i2t = local image features x gathered text features, sim_t2i = local
+        text features x gathered image features; the gathered side carries no gradient unless
+        passes.gather_with_grad. ITM pairs every image with a hard negative caption and every caption
+        with a hard negative image, drawn from the global batch by similarity. ITG predicts the caption
+        from [DEC], attending to every query and causally to itself."""
+        query_out = self.encode_image(image_embeds)  # (B, Q, H)
+        out = QFormerOutput(query_output=query_out)
+        if passes.prompts:
+            out.prompts = self.llm_proj(query_out)  # (B, Q, D_llm)
+        if text_ids is None or not (passes.itc or passes.itm or passes.itg):
+            return out
+        batch, num_q = text_ids.shape[0], self.num_query_tokens
+        offset = dist.rank() * batch
+        out.offset = offset
+        if passes.same_image_positives:
+            if image_ids is None:
+                raise ValueError("loss.itc_same_image_positives needs image ids in the batch (shards written with "
+                                 "image_id; see jobs.make_shards)")
+            out.same_image = same_image_mask(image_ids, dist.gather(image_ids))  # (B, N)
+
+        # 1. ITC: each image's best query against each caption, over every worker's batch.
+        if passes.itc or passes.itm:
+            out.image_feats = F.normalize(self.vision_proj(query_out), dim=-1)  # (B, Q, C)
+            out.text_feat = F.normalize(self.text_proj(self.encode_text(text_ids, text_mask)[:, 0]), dim=-1)  # (B, C)
+            out.sim_i2t, out.sim_t2i = itc_similarities(
+                out.image_feats, out.text_feat, dist.gather_features(out.image_feats, passes.gather_with_grad),
+                dist.gather_features(out.text_feat, passes.gather_with_grad))  # (B, N) each
+            out.temp = self.temp.clamp(0.001, 0.5)
+
+        # 2. ITM: positives, each image with a hard negative caption, each caption with a hard negative image.
+        if passes.itm:
+            temp = out.temp.detach()
+            neg_image = hard_negative_indices(out.sim_t2i.detach() / temp, offset, excluded=out.same_image)  # (B,)
+            neg_text = hard_negative_indices(out.sim_i2t.detach() / temp, offset, excluded=out.same_image)
+            all_images = dist.gather(image_embeds)  # frozen features: no gradient needed
+            pad = self.config.pad_token_id or 0
+            all_ids, all_mask = dist.gather_padded(text_ids, pad), dist.gather_padded(text_mask, 0)
+            ids, mask = all_ids[offset:offset + batch], all_mask[offset:offset + batch]  # this worker's, same width
+            itm_ids = torch.cat([ids, ids, all_ids[neg_text]])
+            itm_mask = torch.cat([mask, mask, all_mask[neg_text]])
+            itm_images = torch.cat([image_embeds, all_images[neg_image], image_embeds])
+            joint_mask = torch.cat([itm_mask.new_ones(3 * batch, num_q), itm_mask], dim=1)
+            joint = self.encode_joint(itm_ids, joint_mask, itm_images)[:, :num_q]  # (3B, Q, H)
+            out.itm_logits = self.itm_head(joint).mean(dim=1)  # (3B, 2)
+
+        # 3. ITG: the caption from [DEC], attending to every query and causally to itself.
+        if passes.itg:
+            dec_ids = text_ids.clone()
+            dec_ids[:, 0] = self.bos_token_id
+            out.itg_labels = dec_ids.masked_fill(text_mask == 0, IGNORE_INDEX)  # (B, L)
+            hidden = self.encode_joint(dec_ids, multimodal_causal_mask(num_q, text_mask), image_embeds)[:, num_q:]
+            out.itg_logits = self.lm_logits(hidden)  # (B, L, V)
+        return out
 
 
 def multimodal_causal_mask(num_queries: int, text_mask: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from app import storage
 from app.models.frozen import freeze
 
 # Composite configs whose vision part we load: model_type -> (attribute of the vision config, class name).
@@ -46,6 +47,11 @@ def vision_config(name_or_path: str):
 
     config = AutoConfig.from_pretrained(name_or_path)
     return getattr(config, "vision_config", None) or config
+
+
+def image_size_for(cfg, s3=None) -> int:
+    """The square size a run resizes images to: data.image_size, else the vision tower's own."""
+    return cfg.data.image_size or int(vision_config(storage.local_model(cfg.model.vision, s3)).image_size)
 
 
 def vision_class(name_or_path: str):

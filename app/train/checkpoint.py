@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
+
+from app import storage
+from app.errors import UserError
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -25,9 +28,10 @@ STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
+STAGE_NAMES = {"pformer": "stage 0 (P-Former)", "qformer": "stage 1 (Q-Former)", "llm": "stage 2 (Q-Former + LLM)"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, of the wrong stage, or does not match the model."""
 
 
@@ -111,3 +115,35 @@ def check_stage(directory: str | Path, expected: str, role: Optional[str] = None
         raise CheckpointError(f"{directory} is a '{manifest.get('stage')}' checkpoint; a '{expected}' "
                               f"checkpoint is needed{what}")
     return manifest
+
+
+def find_checkpoint(uri: str, stages: Sequence[str], s3: Optional[storage.S3Options] = None, *,
+                    key: str = "--checkpoint", purpose: str = "this") -> tuple[str, dict[str, Any]]:
+    """(checkpoint URI, manifest) for `uri`, a checkpoint (a folder holding manifest.json) or a run folder
+    (`storage_path/name`: its latest checkpoint_* with a manifest), local or s3://. CheckpointError naming
+    `key` when there is none, or when its stage is not one of `stages` (`purpose` says what needs it)."""
+    if not storage.is_s3(uri) and not Path(uri).expanduser().exists():
+        raise CheckpointError(f"{key}: no such checkpoint or run folder: {uri}")
+    if not storage.exists(storage.join(uri, MANIFEST_FILE), s3):
+        try:
+            found = storage.list_names(uri, s3, folders=True)
+        except OSError as err:
+            raise CheckpointError(f"{key}: cannot list {uri}: {err}") from None
+        candidates = [storage.join(uri, name) for name in reversed(found) if name.startswith("checkpoint_")]
+        complete = [c for c in candidates if storage.exists(storage.join(c, MANIFEST_FILE), s3)]
+        if not complete:
+            raise CheckpointError(f"{key}: no checkpoint at {uri} (expected a checkpoint folder with {MANIFEST_FILE}, "
+                                  f"or a run folder with checkpoint_* folders)")
+        uri = complete[0]
+    manifest = storage.read_json(storage.join(uri, MANIFEST_FILE), s3)
+    stage = manifest.get("stage")
+    if stage not in stages:
+        wanted = " or ".join(f"a {STAGE_NAMES[s]} checkpoint" for s in stages)
+        raise CheckpointError(f"{key}: {uri} is a {STAGE_NAMES.get(stage, repr(stage))} checkpoint; "
+                              f"{purpose} needs {wanted}")
+    return uri, manifest
+
+
+def local_checkpoint(uri: str, part: str, s3: Optional[storage.S3Options] = None) -> str:
+    """A local folder holding a checkpoint's weights, manifest and the named extras folder (no optimiser)."""
+    return storage.local_model(uri, s3, only=(WEIGHTS_FILE, MANIFEST_FILE, part))

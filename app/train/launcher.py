@@ -18,7 +18,7 @@ import ray.data
 from app import storage, tracking
 from app.config import Config, ConfigError
 from app.data.stats import DataError, create_counter, read_counts, read_examples, skipped_problem
-from app.stages import get_stage, looks_local
+from app.stages import get_stage
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def resolve_paths(cfg: Config) -> Config:
                 setattr(section, key, storage.resolve(value)[1])
     for key in ("pformer", "llm", "vision", "qformer"):
         value = getattr(cfg.model, key)
-        if looks_local(value):
+        if storage.looks_local(value):
             setattr(cfg.model, key, storage.resolve(value)[1])
     return cfg
 
@@ -183,5 +183,5 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None, callbacks: Optio
     }
     tracking.log_json_artifact(cfg.mlflow.tracking_uri, run_id, "summary.json", summary)
     print(f"[{cfg.stage}] done at step {summary['step']}: {summary['metrics']}; checkpoint {checkpoint_uri}", flush=True)
-    print(f"[{cfg.stage}] browse runs: {tracking.ui_command(cfg.mlflow.tracking_uri)}", flush=True)
+    print(f"[{cfg.stage}] browse runs: {tracking.ui_command(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)}", flush=True)
     return summary

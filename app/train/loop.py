@@ -26,8 +26,10 @@ import torch
 
 from app import storage, tracking
 from app.config import Config
+from app.data.feature_cache import BF16_SUFFIX, decode_cached
 from app.data.stats import DataError, read_counts, read_examples, skipped_problem
-from app.stages import get_stage, trim_padding
+from app.data.captions import trim_padding
+from app.stages import get_stage
 from app.train import dist
 from app.train.checkpoint import TrainerState, load_trainable, load_training_state, save_checkpoint
 from app.train.optim import build_optimizer, build_scheduler, set_epoch
@@ -93,9 +95,11 @@ def _seed_everything(seed: int) -> None:
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Token ids and masks as int64; `*_bf16` tensors (bfloat16 bits in int16, from a feature cache) as they are."""
-    return {k: (v.long() if v.dtype in (torch.int8, torch.int16, torch.int32) and not k.endswith("_bf16") else v)
-            .to(device, non_blocking=True) for k, v in batch.items()}
+    """Token ids and masks as int64; a feature cache's bfloat16 tensors back in bfloat16 (`decode_cached`)."""
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    cached = decode_cached({k: v for k, v in moved.items() if k.endswith(BF16_SUFFIX)})
+    return {**{k: (v.long() if v.dtype in (torch.int8, torch.int16, torch.int32) else v)
+               for k, v in moved.items() if not k.endswith(BF16_SUFFIX)}, **cached}
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -148,7 +152,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                                       prefetch_batches=cfg.data.prefetch_batches):
                 batch = trim_padding(_to_device(batch, device))
                 with autocast:
-                    losses = model(batch)
+                    losses = stage.losses(model, batch)
                 val_window.add(losses, samples=cfg.train.batch_size_per_worker, tokens=stage.count_tokens(batch))
         model.train()
         means = val_window.reduce() or {}
@@ -223,7 +227,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
             batch = trim_padding(_to_device(batch, device))
             with autocast:
-                losses = model(batch)
+                losses = stage.losses(model, batch)
             if scaler is not None:
                 scaler.scale(losses["loss"]).backward()
                 scaler.unscale_(optimizer)
