@@ -1,5 +1,18 @@
 """Shared fixtures: real data from ../shared/data, tiny models trained on it, one local Ray instance,
-a moto S3 server on 127.0.0.1, and a fresh SQLite MLflow store per test."""
+a moto S3 server on 127.0.0.1, and a fresh SQLite MLflow store per test.
+
+The suite runs in three tiers (each test gets one marker; `make test`, the CI command, runs all three):
+
+    .venv/bin/python -m pytest -m unit           # make test-fast: tiny models built in memory, golden values,
+                                                 # pure functions; no Ray, no files beyond ../shared/data (< 1 min)
+    .venv/bin/python -m pytest -m integration    # real Ray, MLflow, moto S3, jobs as subprocesses, a few steps
+    .venv/bin/python -m pytest -m slow           # learning curves, stage chains, sweeps, the cluster, resume
+    .venv/bin/python -m pytest -m "not slow"     # unit + integration
+
+A test is `slow` when it says so (`@pytest.mark.slow`) or trains through the `stage0` / `chains` fixtures,
+`integration` when it says so or uses Ray, the trained tiny models, MLflow or S3 (the fixtures below),
+and `unit` otherwise: a new test that starts Ray cannot land in the fast tier by accident.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +20,23 @@ import os
 from pathlib import Path
 
 import pytest
+
+TIERS = ("unit", "integration", "slow")
+SLOW_FIXTURES = {"stage0", "chains"}
+INTEGRATION_FIXTURES = {"ray_session", "tiny_models", "tiny_vision", "s3_endpoint", "s3_bucket", "mlflow_uri",
+                        "flickr_shards"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marked = [t for t in TIERS if item.get_closest_marker(t)]
+        if len(marked) > 1:
+            raise pytest.UsageError(f"{item.nodeid} is marked {marked}: one tier per test")
+        if marked:
+            continue
+        fixtures = set(item.fixturenames)
+        tier = "slow" if fixtures & SLOW_FIXTURES else "integration" if fixtures & INTEGRATION_FIXTURES else "unit"
+        item.add_marker(getattr(pytest.mark, tier))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PFORMER_SHARED_DATA", ROOT.parent / "shared" / "data"))
