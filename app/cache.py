@@ -295,7 +295,8 @@ def cache_features(cfg: Config, s3: Optional[storage.S3Options] = None, *, max_s
     done = {name.removesuffix(".json") for name in storage.list_names(storage.join(cache.out, DONE_DIR), s3)}
     pending = [s for s in shards if shard_stem(s) not in done]
     # Parts of unfinished shards (an interrupted run) are redone from scratch: no duplicate rows.
-    stale = [n for n in storage.list_names(storage.join(cache.out, PARTS_DIR), s3) if n.rsplit("-", 1)[0] in {shard_stem(s) for s in pending}]
+    pending_stems = {shard_stem(s) for s in pending}
+    stale = [n for n in storage.list_names(storage.join(cache.out, PARTS_DIR), s3) if n.rsplit("-", 1)[0] in pending_stems]
     for name in stale:
         fs.delete_file(f"{root}/{PARTS_DIR}/{name}")
     if max_shards is not None:
@@ -316,7 +317,7 @@ def cache_features(cfg: Config, s3: Optional[storage.S3Options] = None, *, max_s
         # Fractional CPUs keep the decode stage out of the encoder actors (Ray would fuse it into them), so CPU
         # tasks decode while the actors encode; without a batch size it fuses with the read (one task per shard).
         prepared = raw.map_batches(prepare_cache_batch, batch_size=None, batch_format="pyarrow", num_cpus=0.5, fn_kwargs=dict(
-            kind=cache.kind, image_size=image_size, num_frames=cfg.data.num_frames, max_chars=cfg.data.max_chars,
+            kind=cache.kind, image_size=image_size, num_frames=cfg.model.num_frames, max_chars=cfg.data.max_chars,
             caption_style=cfg.data.caption_style, max_words=cfg.data.max_words))
         encoded = prepared.map_batches(
             CacheEncoder, batch_size=None, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
@@ -336,8 +337,8 @@ def cache_features(cfg: Config, s3: Optional[storage.S3Options] = None, *, max_s
             rows_now += int(meta["written"])
             if entry["total"] is not None and entry["written"] + sum(entry["skipped"].values()) == entry["total"]:
                 storage.write_json(storage.join(cache.out, DONE_DIR, f"{shard_stem(shard)}.json"),
-                            {"shard": shard, "rows": entry["written"], "skipped": dict(entry["skipped"]),
-                             "parts": sorted(entry["parts"])})
+                                   {"shard": shard, "rows": entry["written"], "skipped": dict(entry["skipped"]),
+                                    "parts": sorted(entry["parts"])}, s3)
                 finished += 1
                 elapsed = time.perf_counter() - start
                 progress(f"[cache] {finished}/{len(pending)} shard(s) done: {shard} ({entry['written']} rows, "

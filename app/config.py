@@ -8,6 +8,7 @@ path) raises `ConfigError` with a message that names the key, before any Ray res
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -16,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from app.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 STAGES = ("pformer", "qformer", "llm")
 
@@ -121,9 +124,6 @@ class DataSection(_Section):
     min_crop_scale: float = Field(0.5, gt=0, le=1, description="Training random-resized-crop area range [min_crop_scale, 1].")
     horizontal_flip: bool = Field(
         True, description="Training: flip half the images left-right (off when captions say left or right).")
-    num_frames: Optional[int] = Field(
-        None, gt=0, le=64, description="Video-text data: frames sampled per clip (one per equal segment); "
-                                       "None = image-text data. In a video run an image is a one-frame clip.")
     max_skipped_fraction: float = Field(
         0.1, ge=0, le=1,
         description="Stages 1-2: the run fails (naming shard and key) when more samples than this are unusable.")
@@ -144,8 +144,12 @@ class ModelSection(_Section):
     qformer: str = Field("bert-base-uncased", description="HF id or path of the BERT that initialises the Q-Former.")
     cross_attention_freq: int = Field(2, gt=0, description="Q-Former cross-attention every N layers.")
     prompt: str = Field("", description="Stage 2: text prompt after the soft prompt (BLIP-2's `prompt`).")
+    num_frames: Optional[int] = Field(
+        None, gt=0, le=64, description="Video: frames sampled per clip (one per equal segment) and the Q-Former's "
+                                       "temporal positions; None = an image model. In a video run an image is a "
+                                       "one-frame clip.")
     frame_pooling: Literal["concat", "mean"] = Field(
-        "concat", description="Video (data.num_frames): the Q-Former cross-attends to every frame's tokens (concat) "
+        "concat", description="Video (model.num_frames): the Q-Former cross-attends to every frame's tokens (concat) "
                               "or to their mean over frames (mean), after a learned temporal position embedding.")
     train_ln_vision: bool = Field(
         True, description="Stages 1-2: the image tokens are taken before the tower's final LayerNorm and go through a "
@@ -224,8 +228,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _resolve_defaults(self) -> "Config":
-        """Stage-dependent defaults, resolved here once: loss.align_weight None is the paper's weight for the
-        stage (10 in stage 1, 100 in stage 2; stage 0 has no alignment)."""
+        """Resolved here once: loss.align_weight None is the paper's weight for the stage (10 / 100; stage 0: 0)."""
         if self.loss.align_weight is None:
             self.loss.align_weight = PAPER_ALIGN_WEIGHT.get(self.stage, 0.0)
         return self
@@ -325,12 +328,37 @@ def _format_validation_error(err: ValidationError) -> str:
     return "invalid config: " + "; ".join(lines)
 
 
+# Keys that moved (old -> new; old configs and checkpoints still load, with a message). The frame count is a
+# property of the Q-Former (its temporal position embedding), which evaluation and stage 2 read from it.
+MOVED_KEYS = {"data.num_frames": "model.num_frames"}
+
+
+def _moved(tree: dict[str, Any]) -> dict[str, Any]:
+    """`tree` with every old key of MOVED_KEYS under its new name (a ConfigError when both are set apart)."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        section, target = tree.get(old_section), tree.setdefault(new_section, {})
+        if not (isinstance(section, dict) and old_key in section and isinstance(target, dict)):
+            continue  # (_check_keys names a malformed section)
+        value = section.pop(old_key)
+        if new_key in target and target[new_key] != value:
+            raise ConfigError(f"{old} ({value}) and {new} ({target[new_key]}) disagree; {old} is the old name of "
+                              f"{new}: keep only {new}")
+        logger.warning("%s is deprecated: it is %s now (read as %s=%s)", old, new, new, value)
+        target[new_key] = value
+    return tree
+
+
 def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
     """Validate a raw mapping plus dotted overrides into a `Config`."""
-    tree: dict[str, Any] = dict(raw or {})
+    tree: dict[str, Any] = _moved(dict(raw or {}))
     _check_keys(tree, Config)
     for item in overrides or []:
         key, value = parse_override(item)
+        if key in MOVED_KEYS:
+            logger.warning("%s is deprecated: it is %s now", key, MOVED_KEYS[key])
+            key = MOVED_KEYS[key]
         _set_dotted(tree, key, value)
     try:
         return Config.model_validate(tree)

@@ -28,7 +28,7 @@ import torch
 
 from app import storage
 from app.errors import UserError
-from app.evaluation.model import TrainedBLIP2
+from app.evaluation.model import CAPTION_OPTIONS, TrainedBLIP2
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def export_blip2(checkpoint: str, out_dir: str | Path, s3: Optional[storage.S3Op
     never = sorted(set(unused) | {image_token_index})
     generation_defaults = {"eos_token_id": stop_ids if len(stop_ids) > 1 else stop_ids[0],
                            "pad_token_id": tokenizer.pad_token_id, "suppress_tokens": never,
-                           "num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
+                           **{k: getattr(CAPTION_OPTIONS, k) for k in ("num_beams", "max_new_tokens", "min_new_tokens")}}
 
     # Blip2ForConditionalGeneration.generate calls the LLM's generate, whose defaults come from text_config.
     text_config = {**llm.config.to_dict(), **generation_defaults}

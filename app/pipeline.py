@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app import storage, tracking
 from app.config import Config, ConfigError, _suggest, build_config, parse_override, read_yaml_mapping
+from app.evaluation.model import CAPTION_OPTIONS, GenerationOptions
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,10 @@ class PipelineSection(BaseModel):
     arms: list[str] = Field(default_factory=lambda: list(ARMS), min_length=1)
     eval_data: Optional[str] = Field(None, description="Caption evaluation shards (default: stage 2's data.val).")
     eval_limit: Optional[int] = Field(None, ge=1, description="Evaluate at most this many images.")
-    num_beams: int = Field(5, ge=1)
-    max_new_tokens: int = Field(30, ge=1)
-    min_new_tokens: int = Field(8, ge=0)
+    # Generation: the defaults are GenerationOptions' (BLIP-2's for captioning).
+    num_beams: int = Field(CAPTION_OPTIONS.num_beams, ge=1)
+    max_new_tokens: int = Field(CAPTION_OPTIONS.max_new_tokens, ge=1)
+    min_new_tokens: int = Field(CAPTION_OPTIONS.min_new_tokens, ge=0)
     eval_batch_size: int = Field(32, ge=1)
     random_baseline_seed: int = 0
     stage0_checkpoint: Optional[str] = Field(
@@ -220,7 +222,6 @@ def run_pipeline(config: PipelineConfig, out_dir: Optional[str] = None, parent_r
     """Run every stage of every arm and the evaluations; returns the summary. `parent_run_id`: MLflow run
     this invocation's run goes under (a sweep's); `params`: logged on the invocation's run (a trial's)."""
     from app.evaluation.inference import InferenceSettings
-    from app.evaluation.model import GenerationOptions
     from app.evaluation.tasks import EvalRun, EvalSource, evaluate_captions
     from app.train.launcher import resolve_paths, run_stage
 

@@ -50,9 +50,9 @@ COMMON_READS = ("stage", "run", "storage", "mlflow", "scaling", "train", "data.c
                 "data.shuffle_buffer_rows", "loss.label_smoothing", "model.contrastive_dim", "model.dropout",
                 "model.llm", "model.llm_dtype", "model.num_query_tokens", "model.pformer", "model.temp_init")
 IMAGE_TEXT_READS = ("data.caption_column", "data.horizontal_flip", "data.image_column", "data.image_format",
-                    "data.image_size", "data.min_crop_scale", "data.num_frames", "data.train", "data.train_features",
+                    "data.image_size", "data.min_crop_scale", "data.train", "data.train_features",
                     "data.train_pictures", "data.val", "data.val_max_batches", "init_from.pformer", "loss.align_weight",
-                    "model.cross_attention_freq", "model.frame_pooling", "model.qformer", "model.vision",
+                    "model.cross_attention_freq", "model.frame_pooling", "model.num_frames", "model.qformer", "model.vision",
                     "model.vision_dtype")
 
 
@@ -240,7 +240,7 @@ class ImageTextStage(Stage):
     def manifest(self, cfg: Config) -> dict[str, Any]:
         return {"stage": self.name, "frozen": {"vision": cfg.model.vision, "pformer": cfg.init_from.pformer,
                                                "llm": cfg.model.llm},
-                "num_query_tokens": cfg.model.num_query_tokens, "num_frames": cfg.data.num_frames,
+                "num_query_tokens": cfg.model.num_query_tokens, "num_frames": cfg.model.num_frames,
                 "train_features": cfg.data.train_features, "align_weight": cfg.loss.align_weight,
                 "ln_vision": cfg.model.train_ln_vision}
 
@@ -285,7 +285,7 @@ class QFormerStage(ImageTextStage):
             storage.local_model(cfg.model.qformer, s3), num_query_tokens=cfg.model.num_query_tokens,
             encoder_hidden_size=vision.width, llm_dim=llm_embed_dim(storage.local_model(cfg.model.llm, s3)),
             cross_attention_frequency=cfg.model.cross_attention_freq, contrastive_dim=cfg.model.contrastive_dim,
-            temp_init=cfg.model.temp_init, dropout=cfg.model.dropout, num_frames=cfg.data.num_frames or 0,
+            temp_init=cfg.model.temp_init, dropout=cfg.model.dropout, num_frames=cfg.model.num_frames or 0,
             frame_pooling=cfg.model.frame_pooling, ln_vision=cfg.model.train_ln_vision)
         weights = Stage1Weights(itc=cfg.loss.itc_weight, itm=cfg.loss.itm_weight, itg=cfg.loss.itg_weight,
                                 align=cfg.loss.align_weight, label_smoothing=cfg.loss.label_smoothing,
@@ -328,11 +328,11 @@ class LLMStage(ImageTextStage):
         if heads["num_query_tokens"] != cfg.model.num_query_tokens:
             raise ConfigError(f"model.num_query_tokens is {cfg.model.num_query_tokens}, but the stage-1 Q-Former has "
                               f"{heads['num_query_tokens']} queries")
-        trained_frames, wanted_frames = heads.get("num_frames", 0), cfg.data.num_frames or 0
+        trained_frames, wanted_frames = heads.get("num_frames", 0), cfg.model.num_frames or 0
         if trained_frames != wanted_frames:
             what = {0: "images"}.get(trained_frames, f"clips of {trained_frames} frames")
-            raise ConfigError(f"data.num_frames is {cfg.data.num_frames}, but the stage-1 Q-Former was trained on {what}: "
-                              f"stage 2 samples frames as stage 1 did (set data.num_frames={trained_frames or 'null'})")
+            raise ConfigError(f"model.num_frames is {cfg.model.num_frames}, but the stage-1 Q-Former was trained on {what}: "
+                              f"stage 2 samples frames as stage 1 did (set model.num_frames={trained_frames or 'null'})")
         if trained_frames and heads.get("frame_pooling", "concat") != cfg.model.frame_pooling:
             raise ConfigError(f"model.frame_pooling is {cfg.model.frame_pooling}, but the stage-1 Q-Former pools frames "
                               f"by {heads['frame_pooling']}")

@@ -11,7 +11,7 @@ one from the centre of each equal segment of the clip, resized to image-size (bi
              an RGB array, take the sampled ones, resize them with Pillow.
   same-fn    the project's decoder (`app.data.video.clip_pixels`: converts only the sampled frames and
              stops after the last) in the same single-process loop: the decoding strategy alone.
-  ray        `app.data.samples.image_text_dataset` with data.num_frames (the dataset stages 1 and 2 train
+  ray        `app.data.samples.image_text_dataset` with model.num_frames (the dataset stages 1 and 2 train
              on: tar read, decode, sample, transform), consumed with `iter_batches` as a trainer would.
 
 Eval transforms on all sides (centre positions, no crop), so the work is identical. Warm: the loops

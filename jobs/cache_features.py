@@ -4,7 +4,7 @@
     python -m jobs.pretrain_qformer --config configs/stage1_opt2.7b.yaml data.train_features=s3://bucket/cache/coco
 
 The config is the one the stage will train with (its model.vision, init_from.pformer, data.train,
-data.image_size, data.num_frames); the `cache` section says where and how (see app/config.py: kind
+data.image_size, model.num_frames); the `cache` section says where and how (see app/config.py: kind
 features|prompts, dtype, store sentence|prompts, batch_size, num_actors). Resumable: rerun the same
 command after an interruption and only unfinished shards are computed. Features use eval transforms:
 the cache trades augmentation for speed (kind=prompts keeps augmentation and caches only the P-Former).

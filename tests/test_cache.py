@@ -21,10 +21,10 @@ STAGE1 = ROOT / "configs" / "tiny" / "stage1.yaml"
 STAGE2 = ROOT / "configs" / "tiny" / "stage2.yaml"
 
 
-def cache_config(tmp_path, tiny_models, tiny_vision, stage0, *, out, train, extra=(), config=STAGE1):
+def cache_config(tmp_path, tiny_models, tiny_vision, pformer_checkpoint, *, out, train, extra=(), config=STAGE1):
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     items = stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
-        "data.train": train, "init_from.pformer": stage0["opt"]["checkpoint"], "cache.out": out})
+        "data.train": train, "init_from.pformer": pformer_checkpoint["opt"], "cache.out": out})
     return load_config(config, items + list(extra))
 
 
@@ -36,10 +36,10 @@ def run_job(cfg_args: list[str], capsys) -> tuple[int, str]:
     return code, captured.out + captured.err
 
 
-def job_args(tmp_path, tiny_models, tiny_vision, stage0, *, out, train, extra=(), config=STAGE1) -> list[str]:
+def job_args(tmp_path, tiny_models, tiny_vision, pformer_checkpoint, *, out, train, extra=(), config=STAGE1) -> list[str]:
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     items = stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
-        "data.train": train, "init_from.pformer": stage0["opt"]["checkpoint"], "cache.out": out})
+        "data.train": train, "init_from.pformer": pformer_checkpoint["opt"], "cache.out": out})
     return ["--config", str(config), *items, *extra]
 
 
@@ -51,13 +51,13 @@ def part_rows(out) -> list[dict]:
 # the job
 
 
-def test_cache_job_writes_resumes_and_recomputes_nothing(ray_session, stage0, flickr_shards, tiny_models,
+def test_cache_job_writes_resumes_and_recomputes_nothing(ray_session, pformer_checkpoint, flickr_shards, tiny_models,
                                                          tiny_vision, tmp_path, capsys):
     shards = tmp_path / "shards"
     shutil.copytree(flickr_shards, shards)  # 48 photos x 5 captions = 240 samples in 3 shards
     write_tar(shards / "shard-bad.tar", bad_samples())  # 6 good + 3 convertible + 5 unusable
     out = tmp_path / "cache"
-    args = job_args(tmp_path, tiny_models, tiny_vision, stage0, out=str(out), train=str(shards),
+    args = job_args(tmp_path, tiny_models, tiny_vision, pformer_checkpoint, out=str(out), train=str(shards),
                     extra=["cache.dtype=float16", "cache.rows_per_block=32"])
 
     # An interrupted run: two shards finished, and a part of a third written before the crash.
@@ -89,7 +89,7 @@ def test_cache_job_writes_resumes_and_recomputes_nothing(ray_session, stage0, fl
     identity = manifest["identity"]
     assert identity["kind"] == "features" and identity["dtype"] == "float16" and identity["store"] == "sentence"
     assert identity["transform"]["image_size"] == 32 and len(identity["vision"]["sha256"]) == 64
-    assert identity["pformer"]["uri"] == stage0["opt"]["checkpoint"]
+    assert identity["pformer"]["uri"] == pformer_checkpoint["opt"]
     shapes = manifest["shapes"]
     assert shapes["features"] == [17, 32] and shapes["sentences"] == [64]  # 4x4 patches + CLS, width 32; BERT 64
     first = rows[0]
@@ -117,7 +117,7 @@ def eval_rows(tmp_path, count=8) -> list[dict]:
 
 
 @pytest.mark.parametrize("kind, dtype", [("features", "float32"), ("features", "bfloat16"), ("prompts", "float16")])
-def test_cached_and_live_losses_agree(kind, dtype, stage0, tiny_models, tiny_vision, tmp_path):
+def test_cached_and_live_losses_agree(kind, dtype, pformer_checkpoint, tiny_models, tiny_vision, tmp_path):
     """Stage-1 and stage-2 losses from the cache equal the live ones on the same samples (eval transforms,
     first caption), exactly for float32 and within 16-bit rounding otherwise."""
     from app.cache import INPUT_SCHEMA, CacheEncoder, prepare_cache_batch
@@ -134,7 +134,7 @@ def test_cached_and_live_losses_agree(kind, dtype, stage0, tiny_models, tiny_vis
     rows = eval_rows(tmp_path)
     out = tmp_path / "cache"
     (out / "parts").mkdir(parents=True)
-    cfg = cache_config(tmp_path, tiny_models, tiny_vision, stage0, out=str(out), train="unused",
+    cfg = cache_config(tmp_path, tiny_models, tiny_vision, pformer_checkpoint, out=str(out), train="unused",
                        extra=[f"cache.kind={kind}", f"cache.dtype={dtype}", "cache.batch_size=3"])
     table = pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
     meta = CacheEncoder(cfg, None, use_gpu=False)(prepare_cache_batch(
@@ -143,7 +143,7 @@ def test_cached_and_live_losses_agree(kind, dtype, stage0, tiny_models, tiny_vis
     assert part.num_rows == 8 and part.schema.metadata[b"dtype"].decode() == dtype
     shapes = json.loads(part.schema.metadata[b"shapes"])
 
-    spec = CaptionSpec(qformer=tiny_models["bert"], pformer=f"{stage0['opt']['checkpoint']}/pformer",
+    spec = CaptionSpec(qformer=tiny_models["bert"], pformer=f"{pformer_checkpoint['opt']}/pformer",
                        llm=tiny_models["opt"], max_txt_len=cfg.data.max_txt_len)
     no_pformer = CaptionSpec(qformer=spec.qformer, llm=spec.llm, max_txt_len=spec.max_txt_len)
     live = preprocess_image_batch(table, media=MediaSpec(size=32, train=False), captions=spec)
@@ -184,7 +184,7 @@ def test_cached_and_live_losses_agree(kind, dtype, stage0, tiny_models, tiny_vis
 # refusals and training from the cache
 
 
-def test_a_cache_of_other_models_is_refused_by_name(ray_session, stage0, flickr_shards, tiny_models, tiny_vision,
+def test_a_cache_of_other_models_is_refused_by_name(ray_session, pformer_checkpoint, flickr_shards, tiny_models, tiny_vision,
                                                     tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
@@ -193,12 +193,12 @@ def test_a_cache_of_other_models_is_refused_by_name(ray_session, stage0, flickr_
     from app import storage
 
     out = tmp_path / "cache"
-    code, printed = run_job(job_args(tmp_path, tiny_models, tiny_vision, stage0, out=str(out), train=str(flickr_shards)),
+    code, printed = run_job(job_args(tmp_path, tiny_models, tiny_vision, pformer_checkpoint, out=str(out), train=str(flickr_shards)),
                             capsys)
     assert code == 0, printed
 
     def check(*extra):
-        cfg = cache_config(tmp_path, tiny_models, tiny_vision, stage0, out=str(out), train=str(flickr_shards),
+        cfg = cache_config(tmp_path, tiny_models, tiny_vision, pformer_checkpoint, out=str(out), train=str(flickr_shards),
                            extra=[f"data.train_features={out}", *extra])
         return get_stage("qformer").validate(cfg, storage.S3Options())
 
@@ -216,7 +216,7 @@ def test_a_cache_of_other_models_is_refused_by_name(ray_session, stage0, flickr_
         check("data.caption_style=raw")
     # A P-Former with one weight changed (same architecture, same path layout): refused by its weights.
     other = tmp_path / "other-pformer"
-    shutil.copytree(stage0["opt"]["checkpoint"], other)
+    shutil.copytree(pformer_checkpoint["opt"], other)
     weights = load_file(other / "model.safetensors")
     name = next(k for k in sorted(weights) if k.endswith("llm_proj.weight"))
     weights[name] = weights[name] + 0.01
@@ -226,12 +226,12 @@ def test_a_cache_of_other_models_is_refused_by_name(ray_session, stage0, flickr_
     with pytest.raises(CacheError, match=r"no feature cache at"):
         check(f"data.train_features={tmp_path / 'nothing'}")
     # Writing into a cache made with other models is refused too (nothing is mixed).
-    code, printed = run_job(job_args(tmp_path, tiny_models, tiny_vision, stage0, out=str(out), train=str(flickr_shards),
+    code, printed = run_job(job_args(tmp_path, tiny_models, tiny_vision, pformer_checkpoint, out=str(out), train=str(flickr_shards),
                                      extra=[f"model.vision={tiny_vision['clip']}"]), capsys)
     assert code == 2 and "holds a cache made differently (image encoder" in printed
 
 
-def test_stage1_trains_from_a_cache_on_s3(ray_session, stage0, flickr_shards, tiny_models, tiny_vision, tmp_path,
+def test_stage1_trains_from_a_cache_on_s3(ray_session, pformer_checkpoint, flickr_shards, tiny_models, tiny_vision, tmp_path,
                                           s3_endpoint, s3_bucket, capsys):
     from mlflow.tracking import MlflowClient
 
@@ -239,12 +239,12 @@ def test_stage1_trains_from_a_cache_on_s3(ray_session, stage0, flickr_shards, ti
 
     s3 = ["storage.s3_endpoint=" + s3_endpoint, "storage.s3_region=us-east-1"]
     uri = f"s3://{s3_bucket}/cache/flickr"
-    code, printed = run_job(job_args(tmp_path, tiny_models, tiny_vision, stage0, out=uri, train=str(flickr_shards),
+    code, printed = run_job(job_args(tmp_path, tiny_models, tiny_vision, pformer_checkpoint, out=uri, train=str(flickr_shards),
                                      extra=s3), capsys)
     assert code == 0 and "finished: 240 rows" in printed, printed
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(STAGE1, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
-        "data.train": "null", "data.train_features": uri, "init_from.pformer": stage0["opt"]["checkpoint"],
+        "data.train": "null", "data.train_features": uri, "init_from.pformer": pformer_checkpoint["opt"],
         "train.max_steps": 60, "train.epochs": 10, "train.log_every_steps": 15, "train.checkpoint_every_steps": 60,
         "run.name": "from-cache"}) + s3)
     summary = run_stage(cfg)
@@ -257,14 +257,14 @@ def test_stage1_trains_from_a_cache_on_s3(ray_session, stage0, flickr_shards, ti
     assert summary["data"]["rows_kept"] >= 60 * 16
 
 
-def test_stage1_trains_from_a_prompt_cache(ray_session, stage0, flickr_shards, tiny_models, tiny_vision, tmp_path,
+def test_stage1_trains_from_a_prompt_cache(ray_session, pformer_checkpoint, flickr_shards, tiny_models, tiny_vision, tmp_path,
                                            capsys):
     """kind=prompts: the images are still decoded and augmented in training; only the P-Former's outputs come
     from the cache (no P-Former forward)."""
     from app.train.launcher import run_stage
 
     out = tmp_path / "prompts"
-    code, printed = run_job(job_args(tmp_path, tiny_models, tiny_vision, stage0, out=str(out), train=str(flickr_shards),
+    code, printed = run_job(job_args(tmp_path, tiny_models, tiny_vision, pformer_checkpoint, out=str(out), train=str(flickr_shards),
                                      extra=["cache.kind=prompts", "cache.dtype=float16"]), capsys)
     assert code == 0 and "finished: 240 rows" in printed, printed
     manifest = json.loads((out / "manifest.json").read_text())
@@ -272,7 +272,7 @@ def test_stage1_trains_from_a_prompt_cache(ray_session, stage0, flickr_shards, t
     assert "image" in pq.read_table(out / manifest["parts"][0]).column_names
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(STAGE1, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
-        "data.train": "null", "data.train_features": str(out), "init_from.pformer": stage0["opt"]["checkpoint"],
+        "data.train": "null", "data.train_features": str(out), "init_from.pformer": pformer_checkpoint["opt"],
         "train.max_steps": 20, "train.log_every_steps": 10, "train.checkpoint_every_steps": 20,
         "run.name": "from-prompts"}))
     summary = run_stage(cfg)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COCO_TSV, ROOT
+from conftest import ROOT, coco_subset
 
 STAGE0 = ROOT / "configs" / "tiny" / "stage0.yaml"
 RAY = str(Path(sys.executable).parent / "ray")
@@ -33,7 +33,7 @@ def free_ports(count: int) -> list[int]:
 
 def stage0_overrides(tmp_path: Path, tiny_models: dict, mlflow_uri: str, name: str) -> list[str]:
     return [f"run.name={name}", f"run.storage_path={tmp_path / 'ckpt'}", f"mlflow.tracking_uri={mlflow_uri}",
-            f"data.text={COCO_TSV}", f"model.pformer={tiny_models['bert']}", f"model.llm={tiny_models['opt']}",
+            f"data.text={coco_subset()}", f"model.pformer={tiny_models['bert']}", f"model.llm={tiny_models['opt']}",
             "train.max_steps=6", "train.log_every_steps=3", "train.checkpoint_every_steps=6",
             "train.batch_size_per_worker=8", "train.warmup_steps=1"]
 
@@ -82,6 +82,7 @@ def ray_head(tmp_path):
         log.close()
 
 
+@pytest.mark.slow
 def test_ray_job_submit_runs_a_stage_on_a_head_with_token_auth(ray_head, tmp_path, tiny_models):
     from mlflow.tracking import MlflowClient
 
@@ -113,6 +114,7 @@ def test_ray_job_submit_runs_a_stage_on_a_head_with_token_auth(ray_head, tmp_pat
     assert processes_using(ray_head["temp_dir"]) == []
 
 
+@pytest.mark.slow
 def test_training_across_two_ray_nodes_one_worker_each(tmp_path, tiny_models):
     from mlflow.tracking import MlflowClient
 

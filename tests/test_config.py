@@ -71,7 +71,7 @@ def test_config_files_load(tmp_path):
         expected = {"stage0": "pformer", "stage1": "qformer", "stage2": "llm"}.get(stem.split("_")[0], "pformer")
         assert cfg.stage == expected, path
         if path.stem.startswith("video_") and expected != "pformer":
-            assert cfg.data.num_frames and "clip" in cfg.model.vision, path  # another tower family, by config
+            assert cfg.model.num_frames and "clip" in cfg.model.vision, path  # another tower family, by config
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
@@ -103,3 +103,19 @@ def test_mlflow_tracking_uri_defaults_to_the_environment(monkeypatch):
     assert build_config({"mlflow": {"tracking_uri": "sqlite:///x.db"}}).mlflow.tracking_uri == "sqlite:///x.db"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert build_config({}).mlflow.tracking_uri == "sqlite:///mlflow.db"
+
+
+def test_data_num_frames_is_read_as_model_num_frames_with_a_message(caplog, tmp_path):
+    """Configs and checkpoints written before num_frames moved under model (it is the Q-Former's) still load."""
+    import logging
+
+    old = tmp_path / "old.yaml"
+    old.write_text("stage: qformer\ndata:\n  num_frames: 4\nmodel:\n  frame_pooling: mean\n")
+    with caplog.at_level(logging.WARNING, logger="app.config"):
+        cfg = load_config(old)
+    assert cfg.model.num_frames == 4 and "num_frames" not in cfg.data.model_dump()
+    assert any("data.num_frames is deprecated" in r.getMessage() for r in caplog.records)
+    assert load_config(None, ["stage=qformer", "data.num_frames=8"]).model.num_frames == 8
+    old.write_text("stage: qformer\ndata:\n  num_frames: 4\nmodel:\n  num_frames: 8\n")
+    with pytest.raises(ConfigError, match=r"data.num_frames \(4\) and model.num_frames \(8\) disagree"):
+        load_config(old)

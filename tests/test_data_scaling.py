@@ -200,7 +200,8 @@ def test_test_scenes_are_new_and_the_exclusion_sees_the_drawn_pictures():
     assert len(set(val) - set(train)) < len(set(val))  # validation shares scenes with training; test does not
 
 
-def test_pipeline_reuses_a_stage0_checkpoint_and_trains_stages_1_2_on_the_subset(ray_session, stage0, tmp_path,
+@pytest.mark.slow
+def test_pipeline_reuses_a_stage0_checkpoint_and_trains_stages_1_2_on_the_subset(ray_session, pformer_checkpoint, tmp_path,
                                                                                  tiny_models, tiny_vision, flickr_shards):
     """One grid cell as the driver runs it: the P-Former arm with a given stage-0 checkpoint (no stage-0
     run of its own) and `common.data.train_pictures`, on real Flickr8k shards."""
@@ -210,7 +211,7 @@ def test_pipeline_reuses_a_stage0_checkpoint_and_trains_stages_1_2_on_the_subset
 
     from test_pipeline import DEMO, real_data_overrides
 
-    pformer = stage0["opt"]["checkpoint"]
+    pformer = pformer_checkpoint["opt"]
     overrides = real_data_overrides(tmp_path, tiny_models, tiny_vision, flickr_shards) + [
         "common.model.num_query_tokens=32", "pipeline.arms=[pformer]", f"pipeline.stage0_checkpoint={pformer}",
         "common.data.train_pictures=8", "common.data.shuffle_buffer_rows=0"]

@@ -233,7 +233,7 @@ def _caption(*args, timeout=300):
                           text=True, timeout=timeout, env={**os.environ, "RAY_ADDRESS": ""})
 
 
-def test_caption_command_on_one_jpeg_and_bad_checkpoints(chains, stage0, tmp_path):
+def test_caption_command_on_one_jpeg_and_bad_checkpoints(chains, pformer_checkpoint, tmp_path):
     photo = FLICKR / "images" / sorted(os.listdir(FLICKR / "images"))[0]
     done = _caption("--checkpoint", chains["opt"]["stage2"]["checkpoint"], photo, "--num-beams", "2",
                     "--max-new-tokens", "10")
@@ -246,7 +246,7 @@ def test_caption_command_on_one_jpeg_and_bad_checkpoints(chains, stage0, tmp_pat
 
     missing = _caption("--checkpoint", tmp_path / "no-such-run", photo)
     assert missing.returncode == 2 and "no such checkpoint or run folder" in missing.stderr
-    wrong = _caption("--checkpoint", stage0["opt"]["checkpoint"], photo)
+    wrong = _caption("--checkpoint", pformer_checkpoint["opt"], photo)
     assert wrong.returncode == 2, wrong.stderr[-2000:]
     assert "is a stage 0 (P-Former) checkpoint; captioning needs a stage 2 (Q-Former + LLM) checkpoint" in wrong.stderr
     assert "Traceback" not in missing.stderr + wrong.stderr

@@ -8,7 +8,7 @@ import pytest
 from app.config import ConfigError
 from app.pipeline import load_pipeline_config
 
-from conftest import COCO_TSV, ROOT
+from conftest import ROOT, coco_subset
 
 DEMO = ROOT / "configs" / "demo.yaml"
 
@@ -16,7 +16,7 @@ DEMO = ROOT / "configs" / "demo.yaml"
 def real_data_overrides(tmp_path, tiny_models, tiny_vision, flickr_shards) -> list[str]:
     steps = {"stage0": 6, "stage1": 6, "stage2": 6}
     out = [f"common.run.storage_path={tmp_path / 'ckpt'}", f"common.mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-           f"common.data.text={COCO_TSV}", f"common.data.train={flickr_shards}", f"common.data.val={flickr_shards}",
+           f"common.data.text={coco_subset()}", f"common.data.train={flickr_shards}", f"common.data.val={flickr_shards}",
            f"common.model.pformer={tiny_models['bert']}", f"common.model.qformer={tiny_models['bert']}",
            f"common.model.llm={tiny_models['opt']}", f"common.model.vision={tiny_vision['blip2']}",
            "common.model.num_query_tokens=4", "common.train.batch_size_per_worker=8", "common.train.warmup_steps=2",
@@ -42,6 +42,7 @@ def test_bad_pipeline_configs_fail_before_anything_runs():
     assert config.stage_config("stage1").stage == "qformer" and config.stage_config("stage2").loss.align_weight == 100
 
 
+@pytest.mark.slow
 def test_pipeline_on_real_data_by_overrides(ray_session, tmp_path, tiny_models, tiny_vision, flickr_shards):
     from mlflow.tracking import MlflowClient
     from PIL import Image
@@ -81,9 +82,10 @@ def test_pipeline_on_real_data_by_overrides(ray_session, tmp_path, tiny_models, 
     assert [row["arm"] for row in table] == ["pformer", "blip2", "random captions"]
     for arm in ("pformer", "blip2"):
         assert {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(summary["arms"][arm]["eval"]["metrics"])
-    # The random-captions row scores the same references with captions of other images: a real number, the
-    # one the table and the summary report.
-    assert table[2]["CIDEr"] == summary["random_baseline"]["CIDEr"] and 0 < table[2]["CIDEr"] < 10
+    # The random-captions row scores the same references with the captions of other images, with every metric
+    # the arms have; the table reports the summary's numbers.
+    assert set(summary["random_baseline"]) >= {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
+    assert [table[2][k] for k in ("Bleu_4", "CIDEr")] == [summary["random_baseline"][k] for k in ("Bleu_4", "CIDEr")]
     # Checkpoints chain: each arm's stage 2 started from its own stage 1; only the P-Former arm uses stage 0.
     for arm in ("pformer", "blip2"):
         stage1, stage2 = summary["arms"][arm]["stage1"], summary["arms"][arm]["stage2"]
@@ -94,6 +96,7 @@ def test_pipeline_on_real_data_by_overrides(ray_session, tmp_path, tiny_models, 
         assert manifest["align_weight"] == (100 if arm == "pformer" else 0)
 
 
+@pytest.mark.slow
 def test_demo_pipeline_twice_reuses_the_generated_assets_and_starts_a_new_parent_run(ray_session, tmp_path,
                                                                                     monkeypatch, capsys):
     from mlflow.tracking import MlflowClient

@@ -138,6 +138,7 @@ def test_s3_corpus_and_checkpoints_match_local(ray_session, tmp_path, tiny_model
     assert not any("testing" == v for v in params.values())  # credentials never reach MLflow
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(ray_session, tmp_path, tiny_models, mlflow_uri):
     corpus = write_corpus(tmp_path / "corpus.tsv", coco_captions(20_000))
     args = overrides(tmp_path, tiny_models, mlflow_uri, **{

@@ -231,15 +231,15 @@ def _job(module, args, timeout=300):
 
 
 @pytest.mark.parametrize("case", ["stage0_as_stage1", "no_qformer", "no_pformer", "prompt_length", "no_shards"])
-def test_bad_hand_off_fails_fast_with_a_message(case, stage0, flickr_shards, tmp_path, tiny_models, tiny_vision):
+def test_bad_hand_off_fails_fast_with_a_message(case, pformer_checkpoint, flickr_shards, tmp_path, tiny_models, tiny_vision):
     base = stage_args(tmp_path, tiny_models, tiny_vision, f"sqlite:///{tmp_path / 'm.db'}",
                       **{"data.train": flickr_shards})
-    pformer = stage0["opt"]["checkpoint"]
+    pformer = pformer_checkpoint["opt"]
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "captions.txt").write_text("a folder with no shards in it\n")
     module, config, extra, message = {
         "stage0_as_stage1": ("jobs.pretrain_llm", STAGE2, [f"init_from.qformer={pformer}"],
-                             "is a 'pformer' checkpoint; a 'qformer' checkpoint is needed (stage 1)"),
+                             "is a stage 0 (P-Former) checkpoint; stage 2 needs a stage 1 (Q-Former) checkpoint"),
         "no_qformer": ("jobs.pretrain_llm", STAGE2, ["init_from.qformer=null"], "init_from.qformer: stage 'llm' starts"),
         "no_pformer": ("jobs.pretrain_qformer", STAGE1, ["init_from.pformer=null"],
                        "loss.align_weight is 10 for stage 'qformer', which needs a stage-0 P-Former"),
@@ -304,12 +304,12 @@ def test_too_many_bad_samples_stop_the_run_naming_shard_and_key(ray_session, tmp
     assert f"{shard} key 'b_truncated': corrupt_image" in message and "checkpoint kept" in message
 
 
-def test_two_workers_gather_features_and_negatives_across_the_global_batch(ray_session, stage0, flickr_shards,
+def test_two_workers_gather_features_and_negatives_across_the_global_batch(ray_session, pformer_checkpoint, flickr_shards,
                                                                           tmp_path, tiny_models, tiny_vision,
                                                                           mlflow_uri):
     # Two DDP workers: ITC over the gathered features, ITM negatives (and caption widths) from both workers.
     summary = run_stage(load_config(STAGE1, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
-        "run.name": "two-workers", "data.train": flickr_shards, "init_from.pformer": stage0["opt"]["checkpoint"],
+        "run.name": "two-workers", "data.train": flickr_shards, "init_from.pformer": pformer_checkpoint["opt"],
         "scaling.num_workers": 2, "train.batch_size_per_worker": 4, "train.max_steps": 6, "train.log_every_steps": 3,
         "train.checkpoint_every_steps": 6})))
     assert summary["step"] == 6

@@ -121,8 +121,9 @@ def test_shipped_space_files_fit_the_configs_they_name():
 # a real sweep
 
 
+@pytest.mark.slow
 def test_align_weight_sweep_on_ray_with_asha_logs_a_parent_and_a_child_per_trial(
-        ray_session, stage0, tmp_path, tiny_models, tiny_vision, mlflow_uri, flickr_shards):
+        ray_session, pformer_checkpoint, tmp_path, tiny_models, tiny_vision, mlflow_uri, flickr_shards):
     from mlflow.tracking import MlflowClient
 
     from jobs import sweep
@@ -130,7 +131,7 @@ def test_align_weight_sweep_on_ray_with_asha_logs_a_parent_and_a_child_per_trial
     space = tmp_path / "space.yaml"
     space.write_text("loss.align_weight:\n  grid: [0, 10, 100]\n")
     args = stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
-        "init_from.pformer": stage0["opt"]["checkpoint"], "data.train": str(flickr_shards),
+        "init_from.pformer": pformer_checkpoint["opt"], "data.train": str(flickr_shards),
         "train.max_steps": 8, "train.log_every_steps": 2, "train.checkpoint_every_steps": 8,
         "train.batch_size_per_worker": 8, "train.warmup_steps": 1})
     summary_path = tmp_path / "sweep.json"

@@ -80,11 +80,11 @@ def run_identity(cfg: Config, s3: Optional[storage.S3Options], kind: str) -> dic
         identity["vision"] = {"uri": cfg.model.vision, "sha256": module_digest(vision)}
         # model.train_ln_vision: the cache keeps the tokens before the tower's final LayerNorm, so it stays valid
         # while the Q-Former's ln_vision trains.
-        identity["transform"] = {"image_size": image_size_for(cfg, s3), "num_frames": cfg.data.num_frames,
+        identity["transform"] = {"image_size": image_size_for(cfg, s3), "num_frames": cfg.model.num_frames,
                                  "tokens": ("before the tower's final LayerNorm" if cfg.model.train_ln_vision
                                             else "after the tower's frozen final LayerNorm"),
                                  "resize": "bicubic to image_size x image_size, no crop, no flip",
-                                 "frames": "centre of each of num_frames equal segments" if cfg.data.num_frames else None}
+                                 "frames": "centre of each of num_frames equal segments" if cfg.model.num_frames else None}
         del vision
     # The captions are stored normalised (data.caption_style), for the P-Former and the stage's tokenizers alike.
     identity["captions"] = {"caption_style": cfg.data.caption_style, "max_words": cfg.data.max_words}

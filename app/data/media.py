@@ -32,7 +32,7 @@ class MediaSpec:
 
     @classmethod
     def from_config(cls, cfg, *, size: int, train: bool) -> "MediaSpec":
-        return cls(size=size, train=train, num_frames=cfg.data.num_frames or None,
+        return cls(size=size, train=train, num_frames=cfg.model.num_frames or None,
                    min_scale=cfg.data.min_crop_scale, flip=cfg.data.horizontal_flip)
 
 
@@ -56,7 +56,7 @@ def decode_sample(data: Optional[bytes], ext: str, spec: MediaSpec,
             return clip_pixels(data, ext, num_frames=spec.num_frames, size=spec.size, train=spec.train, rng=rng,
                                min_scale=spec.min_scale, flip=spec.flip)
         if is_video(ext):
-            raise SkipSample("video_in_image_run", f" (a .{ext} clip; the model takes images: data.num_frames "
+            raise SkipSample("video_in_image_run", f" (a .{ext} clip; the model takes images: model.num_frames "
                                                    f"is not set)")
         img, converted = decode_image(data, draft_size=2 * spec.size)
         return transform_image(img, spec.size, spec.train, rng, spec.min_scale, spec.flip), converted

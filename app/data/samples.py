@@ -115,7 +115,7 @@ def image_text_dataset(uri: str, cfg, *, train: bool, image_size: int, captions:
                        keep_text: bool = False, subset: Optional[PictureSubset] = None) -> ray.data.Dataset:
     """Shards at `uri` -> decoded, transformed, tokenized samples (see `preprocess_image_batch`); `subset`:
     only its pictures (`first_pictures`, data.train_pictures)."""
-    video = bool(cfg.data.num_frames)
+    video = bool(cfg.model.num_frames)
     raw = read_image_text(uri, fmt=cfg.data.image_format, image_column=cfg.data.image_column,
                           caption_column=cfg.data.caption_column, s3=s3, shuffle_files=train,
                           chunk_rows=VIDEO_CHUNK_ROWS if video else CHUNK_ROWS, subset=subset)
@@ -144,7 +144,7 @@ def cached_dataset(uri: str, cfg, manifest: dict[str, Any], *, train: bool, imag
             train=train, captions=captions, dtype=dtype, shapes=shapes, seed=cfg.run.seed, counter=counter, s3=s3))
     column = pformer_column(manifest)
     return ds.map_batches(
-        preprocess_image_batch, batch_size=16 if cfg.data.num_frames else 64, batch_format="pyarrow",
+        preprocess_image_batch, batch_size=16 if cfg.model.num_frames else 64, batch_format="pyarrow",
         fn_kwargs=dict(media=MediaSpec.from_config(cfg, size=image_size, train=train), captions=captions,
                        seed=cfg.run.seed, counter=counter, s3=s3,
                        cached=dict(column=column, dtype=dtype, shape=shapes.get(column)) if column else None))

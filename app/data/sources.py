@@ -7,7 +7,7 @@ happens later (`app.data.samples`, `app.data.media`).
 
 WebDataset layout (as img2dataset writes it): members `<key>.<ext>` grouped by key, with the image
 in `.jpg|.jpeg|.png|.webp|.bmp` (or a clip in `.mp4|.webm|.avi|.mkv|.mov|.m4v`, for video runs:
-`data.num_frames`, see `app.data.video`) and the caption in `.txt`, or in `.json` under the caption field
+`model.num_frames`, see `app.data.video`) and the caption in `.txt`, or in `.json` under the caption field
 (`data.caption_column`, a string) or `captions` (a list: one is sampled per pass in training).
 Parquet: an image-bytes column (`data.image_column`, binary or a `{bytes: ...}` struct as written by
 Hugging Face datasets), a caption column (string or list of strings) and optionally `key`.

@@ -148,10 +148,10 @@ def caption_one(args, s3, options) -> dict:
 
     checkpoint, _ = find_checkpoint(args.checkpoint, ("llm",), s3, purpose="captioning")
     cfg = checkpoint_config(checkpoint, s3)
-    num_frames = cfg.data.num_frames
+    num_frames = cfg.model.num_frames
     data, ext = Path(args.input).read_bytes(), Path(args.input).suffix.lower().lstrip(".")
     if is_video(ext) and not num_frames:
-        raise ValueError(f"{args.input} is a video, but {checkpoint} was trained on images (no data.num_frames)")
+        raise ValueError(f"{args.input} is a video, but {checkpoint} was trained on images (no model.num_frames)")
     # The evaluation pipeline's decoding (a video model: a clip's frames, or an image as a one-frame clip).
     media = MediaSpec(size=checkpoint_image_size(checkpoint, s3, cfg), num_frames=num_frames or None)
     try:
@@ -185,7 +185,7 @@ def caption_many(args, s3, options) -> tuple[list[dict], list[dict]]:
         source = eval_data.items_dataset(eval_data.caption_items(images=args.input, prompt=prompt, s3=s3))
     settings = default_settings(batch_size=args.batch_size, num_actors=args.num_actors, use_gpu=args.gpu)
     result = run_generation(source, checkpoint=checkpoint, image_size=checkpoint_image_size(checkpoint, s3, cfg),
-                            options=options, settings=settings, s3=s3, num_frames=cfg.data.num_frames)
+                            options=options, settings=settings, s3=s3, num_frames=cfg.model.num_frames)
     rows = [{"id": r["id"], "source": r["source"], "caption": r["text"]} for r in result.rows]
     return rows, result.skipped
 

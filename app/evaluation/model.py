@@ -49,6 +49,7 @@ class GenerationOptions:
         return out
 
 
+CAPTION_OPTIONS = GenerationOptions()
 VQA_OPTIONS = GenerationOptions(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
 
 

@@ -19,7 +19,7 @@ from app import storage
 from app.evaluation import data as eval_data
 from app.evaluation import report
 from app.evaluation.inference import InferenceResult, InferenceSettings, run_generation
-from app.evaluation.model import GenerationOptions, TrainedBLIP2
+from app.evaluation.model import VQA_OPTIONS, GenerationOptions, TrainedBLIP2
 from app.train.checkpoint import find_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def evaluate_captions(run: EvalRun, source: EvalSource, options: GenerationOptio
     cfg = checkpoint_config(checkpoint, run.s3)
     result = run_generation(_source_dataset(source, prompt, run.s3), checkpoint=checkpoint,
                             image_size=checkpoint_image_size(checkpoint, run.s3, cfg),
-                            num_frames=cfg.data.num_frames, options=options, settings=run.settings,
+                            num_frames=cfg.model.num_frames, options=options, settings=run.settings,
                             s3=run.s3)
     if not result.rows:
         raise eval_data.EvalDataError(f"no readable image in the evaluation set ({_skips(result)['skipped'][:3]})")
@@ -191,8 +191,7 @@ def evaluate_captions(run: EvalRun, source: EvalSource, options: GenerationOptio
 
 
 def evaluate_vqa(run: EvalRun, source: EvalSource, template: str = "Question: {} Short answer:",
-                 options: GenerationOptions = GenerationOptions(num_beams=5, max_new_tokens=10, min_new_tokens=1,
-                                                                length_penalty=-1.0),
+                 options: GenerationOptions = VQA_OPTIONS,
                  metric: Optional[str] = None) -> dict[str, Any]:
     from app.evaluation.vqa import detect_metric, score_vqa
 
@@ -208,7 +207,7 @@ def evaluate_vqa(run: EvalRun, source: EvalSource, template: str = "Question: {}
                                        s3=run.s3, limit=source.limit)
     result = run_generation(eval_data.items_dataset(items), checkpoint=checkpoint,
                             image_size=checkpoint_image_size(checkpoint, run.s3, cfg),
-                            num_frames=cfg.data.num_frames, options=options, settings=run.settings,
+                            num_frames=cfg.model.num_frames, options=options, settings=run.settings,
                             s3=run.s3)
     predictions = {r["id"]: r["text"] for r in result.rows}
     metric = detect_metric(truth, metric)
@@ -263,7 +262,7 @@ def evaluate_retrieval_task(run: EvalRun, source: EvalSource, k: int = 128, max_
     cfg = checkpoint_config(checkpoint, run.s3)
     counter = create_counter()
     pixels = eval_data.eval_dataset(_source_dataset(source, "", run.s3), image_size=checkpoint_image_size(checkpoint, run.s3, cfg),
-                                    num_frames=cfg.data.num_frames, counter=counter, s3=run.s3)
+                                    num_frames=cfg.model.num_frames, counter=counter, s3=run.s3)
     rows = pixels.map_batches(ImageFeatures, batch_size=run.settings.batch_size, batch_format="numpy",
                               compute=ray.data.ActorPoolStrategy(size=run.settings.num_actors),
                               fn_constructor_kwargs=dict(checkpoint=checkpoint, s3=run.s3, use_gpu=run.settings.use_gpu),

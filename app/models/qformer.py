@@ -239,11 +239,11 @@ class QFormer(nn.Module):
         if not self.num_frames:
             if frames != 1:
                 raise ValueError(f"this Q-Former was built for images (no temporal embedding) but got {frames} "
-                                 f"frames per sample; train it with data.num_frames set")
+                                 f"frames per sample; train it with model.num_frames set")
             return image_embeds[:, 0]
         if frames > self.num_frames:
             raise ValueError(f"{frames} frames per sample, but this Q-Former's temporal embedding has "
-                             f"{self.num_frames} positions (data.num_frames at training)")
+                             f"{self.num_frames} positions (model.num_frames at training)")
         x = image_embeds + self.frame_position[:frames].to(image_embeds.dtype)
         return x.flatten(1, 2) if self.frame_pooling == "concat" else x.mean(dim=1)
 
