@@ -160,7 +160,7 @@ def align_terms(prompts: torch.Tensor, target: torch.Tensor | None, weight: floa
 
 
 def stage0_terms(out, w, embedding_matrix: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Stage 0 (`Stage0Output`, `PFormerLossWeights`): the frozen LLM's LM loss behind the prompt, the
+    """Stage 0 (`Stage0Output`, `Stage0Weights`): the frozen LLM's LM loss behind the prompt, the
     sentence contrastive loss over the global batch (second view: the same features with one view, as
     the reference; SimCSE's second masked view with two), and the vocabulary loss that keeps the prompts
     near the LLM's input embeddings."""

@@ -1,6 +1,6 @@
-"""One small class per training stage: validate inputs, build datasets and the model, save extras.
-
-The training loop (`app.train.loop`) is shared; it asks the stage for everything stage-specific.
+"""One small class per training stage: the keys it reads, its checks (before Ray starts), its datasets, its
+model, its objective (`compute_losses`: the weighted terms of `app.losses`), its checkpoint manifest and
+extras. The training loop (`app.train.loop`) is shared; it asks the stage for everything stage-specific.
 """
 
 from __future__ import annotations
@@ -14,22 +14,22 @@ from transformers import AutoTokenizer
 
 from app import storage
 from app.config import Config, ConfigError
-from app.data import text as text_data
 from app.data import captions as caption_data
+from app.data import text as text_data
 from app.data.captions import CaptionSpec
 from app.data.feature_cache import check_cache, pformer_column, read_manifest
 from app.data.samples import cached_dataset, image_text_dataset
 from app.data.sources import PictureSubset, check_shards, first_pictures
-from app.models.blip2 import LLMPretrain, QFormerPretrain, Stage1Weights, Stage2Weights
+from app.losses import stage0_terms, stage1_terms, stage2_terms, with_total
+from app.models.composites import (LLMPretrain, PFormerPretrain, QFormerPretrain, Stage0Weights, Stage1Weights,
+                                   Stage2Weights)
 from app.models.llm import FrozenLLM, llm_embed_dim, llm_is_encoder_decoder, resolve_dtype
 from app.models.pformer import HEADS_FILE as PFORMER_HEADS_FILE
 from app.models.pformer import PFormer
-from app.models.pformer_lm import PFormerLM, PFormerLossWeights
 from app.models.qformer import HEADS_FILE as QFORMER_HEADS_FILE
 from app.models.qformer import QFormer
 from app.models.vision import VisionEncoder, image_size_for
 from app.storage import local_model
-from app.losses import stage0_terms, stage1_terms, stage2_terms, with_total
 from app.train.checkpoint import CheckpointError, check_stage, find_checkpoint, load_submodule, local_checkpoint, unwrap
 
 
@@ -105,7 +105,7 @@ class PFormerStage(Stage):
         return {"train": text_data.text_dataset(cfg, llm_is_encoder_decoder=llm_is_encoder_decoder(llm),
                                                 counter=counter, s3=s3)}
 
-    def build_model(self, cfg: Config, s3: storage.S3Options | None = None) -> PFormerLM:
+    def build_model(self, cfg: Config, s3: storage.S3Options | None = None) -> PFormerPretrain:
         tokenizer = text_data.load_tokenizer(local_model(cfg.model.pformer, s3))
         llm = FrozenLLM.from_pretrained(local_model(cfg.model.llm, s3),
                                         dtype=resolve_dtype(cfg.model.llm_dtype, cfg.scaling.use_gpu))
@@ -114,17 +114,17 @@ class PFormerStage(Stage):
                                           contrastive_dim=cfg.model.contrastive_dim, temp_init=cfg.model.temp_init,
                                           dropout=cfg.model.dropout)
         loss = cfg.loss
-        weights = PFormerLossWeights(
+        weights = Stage0Weights(
             lm_weight=loss.lm_weight, contrastive_weight=loss.contrastive_weight,
             vocab_weight=loss.vocab_weight if loss.vocab_weight is not None else (0.0 if llm.is_encoder_decoder else 1.0),
             contrastive_views=loss.contrastive_views, label_smoothing=loss.label_smoothing, mask_prob=loss.mask_prob,
             gather_with_grad=loss.gather_with_grad)
         protected = tuple(i for i in (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id)
                           if i is not None)
-        return PFormerLM(pformer, llm, weights, mask_token_id=tokenizer.mask_token_id, protected_ids=protected,
+        return PFormerPretrain(pformer, llm, weights, mask_token_id=tokenizer.mask_token_id, protected_ids=protected,
                          llm_dropout=cfg.model.llm_dropout_in_training)
 
-    def compute_losses(self, model: PFormerLM, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def compute_losses(self, model: PFormerPretrain, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return stage0_terms(model(batch), model.weights, model.llm.embedding_matrix)
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -135,7 +135,7 @@ class PFormerStage(Stage):
         return {"stage": self.name, "frozen": {"llm": cfg.model.llm}, "pformer_init": cfg.model.pformer,
                 "num_query_tokens": cfg.model.num_query_tokens}
 
-    def save_extras(self, model: PFormerLM, directory: Path, cfg: Config, s3: storage.S3Options | None = None) -> None:
+    def save_extras(self, model: PFormerPretrain, directory: Path, cfg: Config, s3: storage.S3Options | None = None) -> None:
         """The P-Former's architecture and tokenizer, so stages 1/2 rebuild it from the checkpoint alone."""
         unwrap(model.pformer).save_architecture(directory / "pformer")
         text_data.load_tokenizer(local_model(cfg.model.pformer, s3)).save_pretrained(directory / "pformer")

@@ -3,7 +3,7 @@
     python bench/step_throughput.py --size tiny|paper --stage qformer|llm [--cached | --both] [--batch-size N]
                                     [--steps N] [--peak-tflops X]
 
-What runs: the project's own stage models (`app.models.blip2.QFormerPretrain` / `LLMPretrain`, the same
+What runs: the project's own stage models (`app.models.composites.QFormerPretrain` / `LLMPretrain`, the same
 forward as training) with random weights built from configs, no download, and one AdamW step per batch
 on the trainable Q-Former. Live batches carry uint8 pixels and P-Former token ids (the frozen image
 encoder and P-Former run every step); cached batches carry what `jobs.cache_features` stores: image
@@ -140,7 +140,7 @@ def build(s: Shapes, stage: str, device: torch.device, dtype: torch.dtype):
     from transformers import (BertConfig, BertModel, Blip2QFormerConfig, Blip2VisionConfig, Blip2VisionModel,
                               OPTConfig, OPTForCausalLM)
 
-    from app.models.blip2 import LLMPretrain, QFormerPretrain, Stage1Weights, Stage2Weights
+    from app.models.composites import LLMPretrain, QFormerPretrain, Stage1Weights, Stage2Weights
     from app.models.llm import FrozenLLM
     from app.models.pformer import PFormer
     from app.models.qformer import QFormer

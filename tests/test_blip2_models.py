@@ -13,7 +13,7 @@ from app.data.captions import CaptionSpec
 from app.data.samples import preprocess_image_batch
 from app.data.media import MediaSpec
 from app.data.sources import SCHEMA, iter_tar_samples
-from app.models.blip2 import LLMPretrain, QFormerPretrain, Stage1Weights, Stage2Weights
+from app.models.composites import LLMPretrain, QFormerPretrain, Stage1Weights, Stage2Weights
 from app.models.llm import FrozenLLM
 from app.models.pformer import PFormer
 from app.models.qformer import QFormer, multimodal_causal_mask

@@ -126,7 +126,7 @@ def test_cached_and_live_losses_agree(kind, dtype, pformer_checkpoint, tiny_mode
     from app.data.captions import CaptionSpec
     from app.data.samples import preprocess_image_batch
     from app.data.media import MediaSpec
-    from app.models.blip2 import LLMPretrain, Stage2Weights
+    from app.models.composites import LLMPretrain, Stage2Weights
     from app.models.llm import FrozenLLM
     from app.data.captions import trim_padding
     from app.stages import get_stage

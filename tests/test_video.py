@@ -211,7 +211,7 @@ def test_make_shards_ingests_msrvtt_as_is(ray_session, tmp_path):
 
 
 def test_images_and_clips_go_through_the_same_qformer_and_losses(tiny_models, tiny_vision):
-    from app.models.blip2 import LLMPretrain, QFormerPretrain, Stage1Weights, Stage2Weights
+    from app.models.composites import LLMPretrain, QFormerPretrain, Stage1Weights, Stage2Weights
     from app.losses import stage_losses
     from app.models.llm import FrozenLLM
     from app.models.pformer import PFormer

@@ -2,7 +2,8 @@
 
 Stage 1 tokenizes for the Q-Former's text side, stage 2 for the frozen LLM (decoder-only: prompt +
 caption + "\n"; encoder-decoder: a random split into prefix and target, as BLIP-2's T5 variant), and
-both for the frozen P-Former when the alignment loss is on.
+both for the frozen P-Former when the alignment loss is on. `trim_padding` cuts a device batch's token
+columns to its longest row.
 """
 
 from __future__ import annotations

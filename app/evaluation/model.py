@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from app import storage
@@ -173,8 +172,7 @@ class TrainedBLIP2(nn.Module):
     def image_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(image tokens (B, N, D_vision), normalised ITC query features (B, Q, C))."""
         image_embeds = self.vision(pixels.to(self.device))
-        queries = self.qformer.encode_image(image_embeds)
-        return image_embeds, F.normalize(self.qformer.vision_proj(queries), dim=-1)
+        return image_embeds, self.qformer.image_features(self.qformer.encode_image(image_embeds))
 
     def tokenize_text(self, texts: Sequence[str], max_length: int = 35) -> tuple[torch.Tensor, torch.Tensor]:
         """Q-Former tokens of `texts`, normalised as the training captions were (data.caption_style)."""
@@ -190,15 +188,12 @@ class TrainedBLIP2(nn.Module):
     @torch.no_grad()
     def text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Normalised ITC text features (B, C) from the [CLS] output of the text-only pass."""
-        return F.normalize(self.qformer.text_proj(self.qformer.encode_text(ids, mask)[:, 0]), dim=-1)
+        return self.qformer.text_features(ids, mask)
 
     @torch.no_grad()
     def itm_scores(self, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ITM "match" logit (B,) for image i with text i, averaged over the queries (as in training)."""
-        num_q = self.num_query_tokens
-        joint_mask = torch.cat([mask.new_ones(ids.shape[0], num_q), mask], dim=1)
-        out = self.qformer.encode_joint(ids, joint_mask, image_embeds.to(self.device))[:, :num_q]
-        return self.qformer.itm_head(out).mean(dim=1)[:, 1].float()
+        return self.qformer.match_logits(ids, mask, image_embeds.to(self.device))[:, 1].float()
 
 
 def left_align(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

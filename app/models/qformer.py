@@ -8,6 +8,8 @@ Text runs through the same self-attention layers with its own FFN. Three ways to
   text alone (query_length=0)                            -> ITC text features ([CLS])
   queries + text, bidirectional mask                     -> ITM
   queries + text, multimodal causal mask ([DEC] first)   -> ITG (LM head tied to the word embeddings)
+`forward` runs the passes a step asks for (`Passes`) in one call, so DDP sees them all, and returns a
+`QFormerOutput` (features, similarities, ITM and ITG logits, prompts); the losses are computed from it.
 
 `from_bert` initialises every shared weight from a BERT checkpoint (bert-base-uncased in the paper):
 self-attention, both FFNs (query and text copies), embeddings and the MLM head transform; the
@@ -274,6 +276,23 @@ class QFormer(nn.Module):
         """The soft prompt (B, Q, D_llm)."""
         return self.llm_proj(self.encode_image(image_embeds))
 
+    # ------------------------------------------------------------------ the heads (training and retrieval)
+
+    def image_features(self, query_out: torch.Tensor) -> torch.Tensor:
+        """Normalised ITC features of each query (B, Q, C)."""
+        return F.normalize(self.vision_proj(query_out), dim=-1)
+
+    def text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Normalised ITC features (B, C) of the text-only pass's [CLS]."""
+        return F.normalize(self.text_proj(self.encode_text(ids, mask)[:, 0]), dim=-1)
+
+    def match_logits(self, ids: torch.Tensor, mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """ITM logits (B, 2) of text i with image i: the head on the query outputs of the joint pass, averaged
+        over the queries."""
+        num_q = self.num_query_tokens
+        joint_mask = torch.cat([mask.new_ones(ids.shape[0], num_q), mask], dim=1)
+        return self.itm_head(self.encode_joint(ids, joint_mask, image_embeds)[:, :num_q]).mean(dim=1)
+
     def forward(self, image_embeds: torch.Tensor, text_ids: Optional[torch.Tensor] = None,
                 text_mask: Optional[torch.Tensor] = None, passes: Passes = Passes(),
                 image_ids: Optional[torch.Tensor] = None) -> QFormerOutput:
@@ -302,8 +321,8 @@ class QFormer(nn.Module):
 
         # 1. ITC: each image's best query against each caption, over every worker's batch.
         if passes.itc or passes.itm:
-            out.image_feats = F.normalize(self.vision_proj(query_out), dim=-1)  # (B, Q, C)
-            out.text_feat = F.normalize(self.text_proj(self.encode_text(text_ids, text_mask)[:, 0]), dim=-1)  # (B, C)
+            out.image_feats = self.image_features(query_out)  # (B, Q, C)
+            out.text_feat = self.text_features(text_ids, text_mask)  # (B, C)
             out.sim_i2t, out.sim_t2i = itc_similarities(
                 out.image_feats, out.text_feat, dist.gather_features(out.image_feats, passes.gather_with_grad),
                 dist.gather_features(out.text_feat, passes.gather_with_grad))  # (B, N) each
@@ -321,9 +340,7 @@ class QFormer(nn.Module):
             itm_ids = torch.cat([ids, ids, all_ids[neg_text]])
             itm_mask = torch.cat([mask, mask, all_mask[neg_text]])
             itm_images = torch.cat([image_embeds, all_images[neg_image], image_embeds])
-            joint_mask = torch.cat([itm_mask.new_ones(3 * batch, num_q), itm_mask], dim=1)
-            joint = self.encode_joint(itm_ids, joint_mask, itm_images)[:, :num_q]  # (3B, Q, H)
-            out.itm_logits = self.itm_head(joint).mean(dim=1)  # (3B, 2)
+            out.itm_logits = self.match_logits(itm_ids, itm_mask, itm_images)  # (3B, 2)
 
         # 3. ITG: the caption from [DEC], attending to every query and causally to itself.
         if passes.itg:

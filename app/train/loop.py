@@ -26,9 +26,9 @@ import torch
 
 from app import storage, tracking
 from app.config import Config
+from app.data.captions import trim_padding
 from app.data.feature_cache import BF16_SUFFIX, decode_cached
 from app.data.stats import DataError, read_counts, read_examples, skipped_problem
-from app.data.captions import trim_padding
 from app.stages import get_stage
 from app.train import dist
 from app.train.checkpoint import TrainerState, load_trainable, load_training_state, save_checkpoint

@@ -11,10 +11,10 @@ import torch
 from transformers import (BertConfig, BertModel, Blip2QFormerConfig, Blip2VisionConfig, Blip2VisionModel, OPTConfig,
                           OPTForCausalLM, T5Config, T5ForConditionalGeneration)
 
-from app.models.blip2 import LLMPretrain, QFormerPretrain, Stage1Weights, Stage2Weights
+from app.models.composites import (LLMPretrain, PFormerPretrain, QFormerPretrain, Stage0Weights, Stage1Weights,
+                                   Stage2Weights)
 from app.models.llm import FrozenLLM
 from app.models.pformer import PFormer
-from app.models.pformer_lm import PFormerLM, PFormerLossWeights
 from app.models.qformer import QFormer
 from app.models.vision import DEFAULT_MEAN, DEFAULT_STD, VisionEncoder
 
@@ -99,10 +99,10 @@ def batch(size: int = 6, seed: int = 0, full: bool = False, llm: str = "opt") ->
     return out
 
 
-def stage0(llm: str = "opt", llm_dropout: bool = True, **weights) -> PFormerLM:
+def stage0(llm: str = "opt", llm_dropout: bool = True, **weights) -> PFormerPretrain:
     frozen = opt() if llm == "opt" else t5()
     defaults = dict(vocab_weight=1.0 if llm == "opt" else 0.0)
-    return PFormerLM(pformer(), frozen, PFormerLossWeights(**{**defaults, **weights}), mask_token_id=MASK,
+    return PFormerPretrain(pformer(), frozen, Stage0Weights(**{**defaults, **weights}), mask_token_id=MASK,
                      protected_ids=(PAD, CLS, SEP), llm_dropout=llm_dropout)
 
 

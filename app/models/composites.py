@@ -1,6 +1,8 @@
-"""BLIP-2 with P-Former alignment: the stage-1 and stage-2 composites. They return typed outputs; the
-losses are computed from them by the stages (`app.stages`, math in `app.losses`).
+"""The composites each stage trains: trainable and frozen parts in one module whose forward returns a typed
+output; the losses are computed from it by the stages (`app.stages`, math in `app.losses`).
 
+Stage 0 (`PFormerPretrain`): P-Former (trainable) -> soft prompt -> frozen LLM's logits over the sentence,
+    and the sentence features of the contrastive loss.
 Stage 1 (`QFormerPretrain`): frozen image encoder -> Q-Former (trainable) with its ITC, ITM and ITG passes,
     and the frozen P-Former's prompts for the caption (the alignment target of llm_proj_q(queries)).
 Stage 2 (`LLMPretrain`): frozen image encoder -> Q-Former -> llm_proj -> frozen LLM's logits over the caption
@@ -14,12 +16,110 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch import nn
 
-from app.models.frozen import Composite, freeze
+from app.data.masking import mask_tokens
+from app.models.frozen import freeze
 from app.models.llm import FrozenLLM, LMOutput
 from app.models.pformer import PFormer
 from app.models.qformer import Passes, QFormer, QFormerOutput
 from app.models.vision import VisionEncoder
+
+
+class Composite(nn.Module):
+    """A model made of trainable and frozen submodules.
+
+    `trainable_names` are the submodules the optimiser updates (and DDP wraps);
+    `frozen_names` get no gradient and stay in eval mode even after `.train()`, except those in
+    `frozen_in_train_mode`, which follow the composite's mode (the frozen LLM's dropout is active in
+    training in the reference, which freezes its parameters but never calls `eval()` on it).
+    """
+
+    trainable_names: tuple[str, ...] = ()
+    frozen_names: tuple[str, ...] = ()
+    frozen_in_train_mode: tuple[str, ...] = ()
+
+    def train(self, mode: bool = True) -> "Composite":
+        super().train(mode)
+        for name in self.frozen_names:
+            module = getattr(self, name, None)  # optional frozen parts (e.g. no P-Former) are None
+            if module is not None:
+                module.train(mode and name in self.frozen_in_train_mode)
+        return self
+
+    def trainable_parameters(self):
+        for name in self.trainable_names:
+            for param in getattr(self, name).parameters():
+                if param.requires_grad:
+                    yield param
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 0
+
+
+@dataclass(frozen=True)
+class Stage0Weights:
+    lm_weight: float = 1.0
+    contrastive_weight: float = 1.0
+    vocab_weight: float = 1.0
+    contrastive_views: int = 1
+    label_smoothing: float = 0.1
+    mask_prob: float = 0.25
+    gather_with_grad: bool = False  # see app.train.dist.gather_features
+
+
+@dataclass
+class Stage0Output:
+    prompts: torch.Tensor      # (B, Q, D_llm)
+    first_view: torch.Tensor   # (B, C) normalised sentence features
+    second_view: torch.Tensor  # (B, C): the same tensor with one view, the second masked view with two
+    temp: torch.Tensor
+    lm: LMOutput
+
+
+class PFormerPretrain(Composite):
+    stage = "pformer"
+    trainable_names = ("pformer",)
+    frozen_names = ("llm",)
+
+    def __init__(self, pformer: PFormer, llm: FrozenLLM, weights: Stage0Weights,
+                 mask_token_id: int, protected_ids: tuple[int, ...], llm_dropout: bool = True):
+        super().__init__()
+        # model.llm_dropout_in_training: the frozen LLM's own dropout in training forwards (the reference's).
+        self.frozen_in_train_mode = ("llm",) if llm_dropout else ()
+        self.pformer = pformer
+        self.llm = llm
+        self.weights = weights
+        self.mask_token_id = mask_token_id
+        self.protected_ids = protected_ids
+        # Heads whose loss is switched off get no gradient; freezing them keeps DDP's reducer consistent
+        # (every trainable parameter must receive a gradient each step) and the optimiser from decaying them.
+        if weights.contrastive_weight == 0:
+            pformer.text_proj.requires_grad_(False)
+            pformer.temp.requires_grad_(False)
+
+    def _pformer_inputs(self, ids: torch.Tensor) -> torch.Tensor:
+        # The reference masks only for decoder-only LLMs, where the full caption is the target.
+        if self.training and not self.llm.is_encoder_decoder and self.weights.mask_prob > 0:
+            return mask_tokens(ids, self.weights.mask_prob, self.mask_token_id, self.protected_ids)
+        return ids
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Stage0Output:
+        ids, mask = batch["pformer_ids"], batch["pformer_mask"]
+        batch_size = ids.shape[0]
+        # 1. P-Former: one forward, over two independently masked views when contrastive_views=2.
+        views = [self._pformer_inputs(ids) for _ in range(self.weights.contrastive_views)]
+        out = self.pformer(torch.cat(views), mask.repeat(len(views), 1))
+        prompts = out.prompts[:batch_size]  # (B, Q, D)
+        # 2. Frozen LLM reconstructs the caption from the prompt.
+        lm = self.llm.caption_logits(prompts, batch)
+        return Stage0Output(prompts=prompts, first_view=out.features[:batch_size],
+                            second_view=out.features[-batch_size:], temp=out.temp, lm=lm)
+
+
+# ---------------------------------------------------------------------------------------------
+# stages 1 and 2
 
 
 @dataclass(frozen=True)
