@@ -328,8 +328,7 @@ def _format_validation_error(err: ValidationError) -> str:
     return "invalid config: " + "; ".join(lines)
 
 
-# Keys that moved (old -> new; old configs and checkpoints still load, with a message). The frame count is a
-# property of the Q-Former (its temporal position embedding), which evaluation and stage 2 read from it.
+# Keys that moved (old -> new; old configs and checkpoints still load, with a message): the frame count is the Q-Former's.
 MOVED_KEYS = {"data.num_frames": "model.num_frames"}
 
 
@@ -339,9 +338,11 @@ def _moved(tree: dict[str, Any]) -> dict[str, Any]:
     for old, new in MOVED_KEYS.items():
         (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
         section, target = tree.get(old_section), tree.setdefault(new_section, {})
-        if not (isinstance(section, dict) and old_key in section and isinstance(target, dict)):
-            continue  # (_check_keys names a malformed section)
-        value = section.pop(old_key)
+        if not (isinstance(section, dict) and isinstance(target, dict)):
+            continue  # _check_keys names a malformed section
+        value = section.pop(old_key, None)
+        if value is None:  # unset (as every config written before the move has it): nothing to carry
+            continue
         if new_key in target and target[new_key] != value:
             raise ConfigError(f"{old} ({value}) and {new} ({target[new_key]}) disagree; {old} is the old name of "
                               f"{new}: keep only {new}")
@@ -389,9 +390,8 @@ def tiny_config(**sections: dict[str, Any]) -> Config:
     """A preset small enough for CPU tests: one worker, no GPU, few steps; sections override it."""
     raw: dict[str, Any] = {
         "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1, "local_num_cpus": 8},
-        "train": {"max_steps": 20, "batch_size_per_worker": 16, "warmup_steps": 5, "lr": 1e-3,
-                  "min_lr": 1e-4, "log_every_steps": 5, "checkpoint_every_steps": 10,
-                  "grad_clip_norm": 1.0, "precision": "fp32"},
+        "train": {"max_steps": 20, "batch_size_per_worker": 16, "warmup_steps": 5, "lr": 1e-3, "min_lr": 1e-4,
+                  "log_every_steps": 5, "checkpoint_every_steps": 10, "grad_clip_norm": 1.0, "precision": "fp32"},
         "model": {"num_query_tokens": 4, "contrastive_dim": 32},
         "data": {"max_txt_len": 24, "shuffle_buffer_rows": 256},
     }
