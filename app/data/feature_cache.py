@@ -166,7 +166,7 @@ def tensor_bytes(tensor: torch.Tensor, dtype: str) -> bytes:
 
 
 def bytes_array(values: list[bytes], dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Stacked arrays from raw bytes: float16/float32 as they are, bfloat16 as int16 bits (see `to_tensor`)."""
+    """Stacked arrays from raw bytes: float16/float32 as they are, bfloat16 as int16 bits (see `decode_cached`)."""
     np_dtype = {"bfloat16": np.int16, "float16": np.float16, "float32": np.float32}[dtype]
     return np.stack([np.frombuffer(v, dtype=np_dtype).reshape(shape) for v in values])
 
