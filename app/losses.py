@@ -202,6 +202,7 @@ def stage2_terms(out, w) -> dict[str, torch.Tensor]:
     return losses
 
 
+# Each stage's objective on its composite: `Stage.compute_losses` and `stage_losses` both use this one table.
 STAGE_TERMS = {"pformer": lambda model, batch: stage0_terms(model(batch), model.weights, model.llm.embedding_matrix),
                "qformer": lambda model, batch: stage1_terms(model(batch), model.weights),
                "llm": lambda model, batch: stage2_terms(model(batch), model.weights)}

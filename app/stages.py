@@ -20,7 +20,7 @@ from app.data.captions import CaptionSpec
 from app.data.feature_cache import check_cache, pformer_column, read_manifest
 from app.data.samples import cached_dataset, image_text_dataset
 from app.data.sources import PictureSubset, check_shards, first_pictures
-from app.losses import stage0_terms, stage1_terms, stage2_terms, with_total
+from app.losses import STAGE_TERMS, with_total
 from app.models.composites import (LLMPretrain, PFormerPretrain, QFormerPretrain, Stage0Weights, Stage1Weights,
                                    Stage2Weights)
 from app.models.llm import FrozenLLM, llm_embed_dim, llm_is_encoder_decoder, resolve_dtype
@@ -70,7 +70,8 @@ class Stage:
         return any(key == r or key.startswith(r + ".") for r in COMMON_READS + self.reads)
 
     def compute_losses(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """This stage's weighted terms on the composite's output (`app.losses.STAGE_TERMS`)."""
+        return STAGE_TERMS[self.name](model, batch)
 
     def losses(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The weighted terms and their sum under "loss" (what the loop logs and backpropagates)."""
@@ -123,9 +124,6 @@ class PFormerStage(Stage):
                           if i is not None)
         return PFormerPretrain(pformer, llm, weights, mask_token_id=tokenizer.mask_token_id, protected_ids=protected,
                          llm_dropout=cfg.model.llm_dropout_in_training)
-
-    def compute_losses(self, model: PFormerPretrain, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return stage0_terms(model(batch), model.weights, model.llm.embedding_matrix)
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """LLM tokens processed (input + target), for tokens/s; a device tensor, so no sync per step."""
@@ -295,9 +293,6 @@ class QFormerStage(ImageTextStage):
         model.qformer_tokenizer = tokenizer
         return model
 
-    def compute_losses(self, model: QFormerPretrain, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return stage1_terms(model(batch), model.weights)
-
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return batch["qformer_mask"].sum()
 
@@ -377,9 +372,6 @@ class LLMStage(ImageTextStage):
                             llm_dropout=cfg.model.llm_dropout_in_training)
         model.qformer_tokenizer = AutoTokenizer.from_pretrained(Path(directory) / "qformer")
         return model
-
-    def compute_losses(self, model: LLMPretrain, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return stage2_terms(model(batch), model.weights)
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(batch[k].sum() for k in ("llm_mask", "llm_target_mask") if k in batch)
