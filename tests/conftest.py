@@ -141,7 +141,7 @@ FLICKR = SHARED_DATA / "flickr8k"
 STAGE0_CONFIG = ROOT / "configs" / "tiny" / "stage0.yaml"
 # Stage-0 P-Formers trained once per session on real COCO captions; the stage-0 learning test checks their
 # curves and the stage-1/2 tests start from them. The tiny T5 needs more steps to use its prompt.
-STAGE0_STEPS = {"opt": 200, "t5": 400}
+STAGE0_STEPS = {"opt": 300, "t5": 400}
 STAGE0_WINDOW = {"opt": 20, "t5": 40}
 
 
