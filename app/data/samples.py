@@ -25,6 +25,7 @@ from app.data.feature_cache import bytes_array, cached_key, pformer_column, prep
 from app.data.media import MediaSpec, SkipSample, decode_sample
 from app.data.sources import CHUNK_ROWS, VIDEO_CHUNK_ROWS, PictureSubset, image_id_number, read_image_text
 from app.data.stats import report_counts
+from app.data.text import file_order
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def image_text_dataset(uri: str, cfg, *, train: bool, image_size: int, captions:
     only its pictures (`first_pictures`, data.train_pictures)."""
     video = bool(cfg.model.num_frames)
     raw = read_image_text(uri, fmt=cfg.data.image_format, image_column=cfg.data.image_column,
-                          caption_column=cfg.data.caption_column, s3=s3, shuffle_files=train,
+                          caption_column=cfg.data.caption_column, s3=s3, shuffle_files=train, seed=cfg.run.seed,
                           chunk_rows=VIDEO_CHUNK_ROWS if video else CHUNK_ROWS, subset=subset)
     # Clips: one batch per read block (VIDEO_CHUNK_ROWS clips). A map_batches with a batch size is never
     # fused with the read before it (Ray's fusion rule for ops that may change the row count); without
@@ -137,7 +138,7 @@ def cached_dataset(uri: str, cfg, manifest: dict[str, Any], *, train: bool, imag
     """The cache at `uri` as a training dataset (`captions` without a P-Former tokenizer: its outputs are cached)."""
     fs, root = storage.resolve(uri, s3)
     ds = ray.data.read_parquet([f"{root}/{p}" for p in manifest["parts"]], filesystem=fs,
-                               shuffle="files" if train else None)
+                               shuffle=file_order(train, cfg.run.seed))
     dtype, shapes = manifest["identity"]["dtype"], manifest["shapes"]
     if manifest["identity"]["kind"] == "features":
         return ds.map_batches(preprocess_cached_batch, batch_size=64, batch_format="pyarrow", fn_kwargs=dict(

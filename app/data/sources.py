@@ -29,7 +29,7 @@ from ray.data.datasource import FileBasedDatasource
 
 from app import storage
 from app.data.media import MEDIA_EXTENSIONS
-from app.data.text import in_blocks
+from app.data.text import file_order, in_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def first_pictures(uri: str, count: int, fmt: str = "auto", s3: Optional[storage
 
 
 def read_image_text(uri: str, *, fmt: str = "auto", image_column: str = "image", caption_column: str = "caption",
-                    s3: storage.S3Options | None = None, shuffle_files: bool = True,
+                    s3: storage.S3Options | None = None, shuffle_files: bool = True, seed: Optional[int] = None,
                     chunk_rows: int = CHUNK_ROWS, subset: Optional[PictureSubset] = None) -> ray.data.Dataset:
     """Raw rows `{key, shard, image, captions, problem, ext}` of every shard under `uri` (or, with `subset`,
     only the samples of its pictures, read from its shard files); WebDataset shards come in blocks of
@@ -268,7 +268,7 @@ def read_image_text(uri: str, *, fmt: str = "auto", image_column: str = "image",
     if subset is not None:
         by_format, pictures = {f: list(p) for f, p in subset.by_format}, subset.pictures
     prefix = "s3://" if storage.is_s3(uri) else ""
-    shuffle = "files" if shuffle_files else None
+    shuffle = file_order(shuffle_files, seed)
     parts = []
     for found, paths in sorted(by_format.items()):
         if found == "parquet":

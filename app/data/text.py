@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
-from ray.data.datasource import FileBasedDatasource
+from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
 # Imported with the module, not lazily inside a task: Ray may start a data task while another thread of the
 # same worker is still importing torch, and a lazy import then fails with a partially initialised module.
 from transformers import AutoTokenizer
@@ -181,11 +181,17 @@ def _parquet_to_rows(batch: pa.Table, column: str) -> pa.Table:
     return _table([(v, None) if isinstance(v, str) else (None, "invalid") for v in values])
 
 
-def read_corpus(uri: str, *, fmt: str = "auto", column: str = "caption",
-                s3: storage.S3Options | None = None, shuffle_files: bool = True) -> ray.data.Dataset:
+def file_order(shuffle_files: bool, seed: Optional[int]) -> "FileShuffleConfig | None":
+    """How a training read orders its files: shuffled from `seed` (a new order each epoch, the same orders in
+    every run with that seed, as the reference's seeded DistributedSampler gives), or as listed."""
+    return FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle_files else None
+
+
+def read_corpus(uri: str, *, fmt: str = "auto", column: str = "caption", s3: storage.S3Options | None = None,
+                shuffle_files: bool = True, seed: Optional[int] = None) -> ray.data.Dataset:
     """Raw rows `{text, problem}` of every corpus file under `uri`."""
     fs, by_format = corpus_files(uri, fmt, s3)
-    shuffle = "files" if shuffle_files else None
+    shuffle = file_order(shuffle_files, seed)
     parts = []
     for found, paths in sorted(by_format.items()):
         if found == "parquet":
@@ -307,7 +313,7 @@ def preprocess_text_batch(batch: dict[str, np.ndarray], *, pformer_tokenizer: st
 def text_dataset(cfg, *, llm_is_encoder_decoder: bool, counter=None,
                  s3: storage.S3Options | None = None) -> ray.data.Dataset:
     """The stage-0 training dataset: raw corpus rows -> cleaned, tokenized fixed-width arrays."""
-    raw = read_corpus(cfg.data.text, fmt=cfg.data.text_format, column=cfg.data.text_column, s3=s3)
+    raw = read_corpus(cfg.data.text, fmt=cfg.data.text_format, column=cfg.data.text_column, s3=s3, seed=cfg.run.seed)
     return raw.map_batches(
         preprocess_text_batch,
         batch_size=1024,
