@@ -103,8 +103,10 @@ def ray_session():
     """One local Ray instance for every Ray test (8 logical CPUs so Ray Data is not starved)."""
     import ray
 
+    from app.train.launcher import LOCAL_ENV_VARS
+
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
+             runtime_env={"env_vars": {**LOCAL_ENV_VARS,
                                       "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}})
     yield ray
     ray.shutdown()
@@ -141,7 +143,7 @@ FLICKR = SHARED_DATA / "flickr8k"
 STAGE0_CONFIG = ROOT / "configs" / "tiny" / "stage0.yaml"
 # Stage-0 P-Formers trained once per session on real COCO captions; the stage-0 learning test checks their
 # curves and the stage-1/2 tests start from them. The tiny T5 needs more steps to use its prompt.
-STAGE0_STEPS = {"opt": 300, "t5": 400}
+STAGE0_STEPS = {"opt": 200, "t5": 400}
 STAGE0_WINDOW = {"opt": 20, "t5": 40}
 
 
@@ -178,11 +180,10 @@ def stage0(ray_session, tiny_models, shared_data, tmp_path_factory) -> dict:
     return Lazy(mlflow_uri=uri)
 
 
-@pytest.fixture(scope="session")
-def pformer_checkpoint(tiny_models, tmp_path_factory) -> dict[str, str]:
-    """{"opt": a stage-0 checkpoint}: an untrained P-Former for the tiny OPT (32 prompts), written by the
-    training code's own save_checkpoint and save_extras, for tests that only hand a P-Former on (caches,
-    checks, sweeps, subsets). Seconds, where the trained `stage0` fixture takes minutes."""
+def write_pformer_checkpoint(directory: Path, tiny_models: dict[str, str], kind: str = "opt",
+                             num_query_tokens: int = 32) -> str:
+    """An untrained P-Former checkpoint for the tiny `kind` LLM, written by the training code's own
+    save_checkpoint and save_extras: what stages 1-2, the cache and the sweep take from stage 0."""
     import torch
 
     from app.config import load_config
@@ -190,9 +191,8 @@ def pformer_checkpoint(tiny_models, tmp_path_factory) -> dict[str, str]:
     from app.train.checkpoint import TrainerState, save_checkpoint
     from app.train.optim import build_optimizer, build_scheduler
 
-    directory = tmp_path_factory.mktemp("pformer") / "checkpoint_00000001"
-    cfg = load_config(STAGE0_CONFIG, [f"model.pformer={tiny_models['bert']}", f"model.llm={tiny_models['opt']}",
-                                      "model.num_query_tokens=32", "train.max_steps=1"])
+    cfg = load_config(STAGE0_CONFIG, [f"model.pformer={tiny_models['bert']}", f"model.llm={tiny_models[kind]}",
+                                      f"model.num_query_tokens={num_query_tokens}", "train.max_steps=1"])
     torch.manual_seed(0)
     stage = PFormerStage()
     model = stage.build_model(cfg)
@@ -200,7 +200,15 @@ def pformer_checkpoint(tiny_models, tmp_path_factory) -> dict[str, str]:
     save_checkpoint(directory, model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.train),
                     scaler=None, state=TrainerState(step=1), config_yaml=cfg.to_yaml(), manifest=stage.manifest(cfg))
     stage.save_extras(model, directory, cfg)
-    return {"opt": str(directory)}
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def pformer_checkpoint(tiny_models, tmp_path_factory) -> dict[str, str]:
+    """{"opt": a stage-0 checkpoint}: an untrained P-Former for the tiny OPT (32 prompts), for tests that only
+    hand a P-Former on (caches, checks, sweeps, subsets). Seconds, where the trained `stage0` fixture takes
+    minutes."""
+    return {"opt": write_pformer_checkpoint(tmp_path_factory.mktemp("pformer") / "checkpoint_00000001", tiny_models)}
 
 
 STAGE1_CONFIG = ROOT / "configs" / "tiny" / "stage1.yaml"
@@ -213,6 +221,9 @@ def stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, kind="opt", stora
              "model.qformer": tiny_models["bert"], "model.llm": tiny_models[kind], "model.vision": tiny_vision["blip2"],
              "model.num_query_tokens": 32, **extra}
     return [f"{k}={v}" for k, v in items.items()]
+
+
+CHAIN_STEPS = 60
 
 
 @pytest.fixture(scope="session")
@@ -239,10 +250,10 @@ def chains(stage0, flickr_shards, tiny_models, tiny_vision, s3_endpoint, tmp_pat
                     s3.upload_file(str(path), bucket, f"flickr/{path.name}")
                 storage, train_uri = f"s3://{bucket}/checkpoints", f"s3://{bucket}/flickr"
                 extra = {"storage.s3_endpoint": s3_endpoint, "storage.s3_region": "us-east-1"}
-            # Training revisits the 240 samples ten times; validation scores 64 of them with eval transforms.
+            # 60 steps of 16 pass over the 240 samples four times; validation scores 64 of them with eval transforms.
             common = dict(kind=kind, storage=storage, **{
-                "data.train": train_uri, "data.val": train_uri, "train.max_steps": 150, "train.epochs": 10,
-                "train.log_every_steps": 25, "train.checkpoint_every_steps": 150}, **extra)
+                "data.train": train_uri, "data.val": train_uri, "train.max_steps": CHAIN_STEPS, "train.epochs": 10,
+                "train.log_every_steps": CHAIN_STEPS // 4, "train.checkpoint_every_steps": CHAIN_STEPS}, **extra)
             stage1 = run_stage(load_config(STAGE1_CONFIG, stage_args(root, tiny_models, tiny_vision, mlflow_uri, **common, **{
                 "run.name": f"s1-{kind}", "init_from.pformer": stage0[kind]["checkpoint"]})))
             run_folder = f"{storage or root / 'ckpt'}/s1-{kind}"  # a run folder: its latest checkpoint is used
@@ -263,6 +274,29 @@ def subset_captions(path: Path, count: int, start: int = 0) -> Path:
     names = sorted(captions)[start:start + count]
     path.write_text(json.dumps({name: captions[name] for name in names}))
     return path
+
+
+def fail_fast(module: str, args: list, monkeypatch, capsys, *, subprocess_run: bool = False) -> tuple[int, str]:
+    """Run a job that must refuse its input before Ray starts: (exit code, stderr). In this process by default
+    (its `main`, through the same harness; `init_ray` refuses to run), or as `python -m module` with Ray
+    marked as started by its "Started a local Ray instance" line (one case per job takes the real CLI path)."""
+    import importlib
+    import subprocess
+    import sys
+
+    if subprocess_run:
+        done = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+        assert "Started a local Ray instance" not in done.stderr + done.stdout
+        return done.returncode, done.stderr
+    from app.train import launcher
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError(f"{module} started Ray before refusing its input")
+
+    monkeypatch.setattr(launcher, "init_ray", refuse)
+    code = importlib.import_module(module).main(list(map(str, args)))
+    return code, capsys.readouterr().err
 
 
 def make_shards_cli(*args: str, timeout: int = 300):

@@ -1,7 +1,8 @@
 """The data-scaling measurement: the driver's grid and resume bookkeeping, the nested picture subsets
 (`data.train_pictures`) on real shards, training on exactly N pictures (counted by the image ids the
 stage-1 training stream carries), and a held-out test set whose scenes appear in neither the training
-nor the validation pictures."""
+nor the validation pictures. A grid cell through the pipeline (a given stage-0 checkpoint, a picture subset)
+is tests/test_pipeline.py::test_pipeline_on_real_data_by_overrides."""
 
 from __future__ import annotations
 
@@ -198,39 +199,6 @@ def test_test_scenes_are_new_and_the_exclusion_sees_the_drawn_pictures():
     again, dropped_again = novel_scene_captions(500, exclude, captions_per_image=5, seed=1000)
     assert [scene_key(s) for s, _ in again] == keys and dropped_again == dropped
     assert len(set(val) - set(train)) < len(set(val))  # validation shares scenes with training; test does not
-
-
-@pytest.mark.slow
-def test_pipeline_reuses_a_stage0_checkpoint_and_trains_stages_1_2_on_the_subset(ray_session, pformer_checkpoint, tmp_path,
-                                                                                 tiny_models, tiny_vision, flickr_shards):
-    """One grid cell as the driver runs it: the P-Former arm with a given stage-0 checkpoint (no stage-0
-    run of its own) and `common.data.train_pictures`, on real Flickr8k shards."""
-    from mlflow.tracking import MlflowClient
-
-    from app.pipeline import load_pipeline_config, run_pipeline
-
-    from test_pipeline import DEMO, real_data_overrides
-
-    pformer = pformer_checkpoint["opt"]
-    overrides = real_data_overrides(tmp_path, tiny_models, tiny_vision, flickr_shards) + [
-        "common.model.num_query_tokens=32", "pipeline.arms=[pformer]", f"pipeline.stage0_checkpoint={pformer}",
-        "common.data.train_pictures=8", "common.data.shuffle_buffer_rows=0"]
-    summary = run_pipeline(load_pipeline_config(DEMO, overrides), str(tmp_path / "out"))
-    assert summary["stage0"] == {"stage": "pformer", "checkpoint": pformer, "reused": True}
-    client = MlflowClient(tracking_uri=summary["tracking_uri"])
-    parent = client.get_run(summary["parent_run_id"])
-    assert parent.data.tags["stage0_checkpoint"] == pformer
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(r.data.tags.get("stage") for r in children) == ["evaluate", "llm", "qformer"]
-    arm = summary["arms"]["pformer"]
-    for stage in ("stage1", "stage2"):
-        manifest = json.loads((tmp_path / "ckpt" / arm[stage]["run_name"] / arm[stage]["checkpoint"].rsplit("/", 1)[1]
-                               / "manifest.json").read_text())
-        assert manifest["frozen"]["pformer"] == pformer
-    for run in children:
-        if run.data.tags.get("stage") in ("qformer", "llm"):
-            assert run.data.params["data.train_pictures"] == "8"
 
 
 def test_the_demo_t5_tokenizer_keeps_the_grammar_s_words_whole():

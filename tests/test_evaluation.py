@@ -124,7 +124,7 @@ def test_caption_evaluation_end_to_end(ray_session, chains, tmp_path, capsys):
     # pycocoevalcap metrics against each photo's 5 references, per image too.
     metrics = summary["metrics"]
     assert set(metrics) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"}
-    assert 0 < metrics["Bleu_1"] <= 1 and metrics["CIDEr"] >= 0 and metrics["SPICE"] is None
+    assert 0 < metrics["Bleu_1"] <= 1 and metrics["SPICE"] is None
     per_image = json.loads((tmp_path / "out" / "per_image.json").read_text())
     assert set(per_image) == set(names) and all(len(v["references"]) == 5 for v in per_image.values())
     # The grid picture is a valid PNG of the sampled images.

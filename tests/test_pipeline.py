@@ -1,5 +1,6 @@
-"""The pipeline job: stage 0 -> 1 -> 2 -> caption evaluation for the P-Former arm and the BLIP-2 baseline,
-wired to real data by overrides only (COCO caption text for stage 0, Flickr8k shards for stages 1-2)."""
+"""The pipeline job: stage 0 -> 1 -> 2 -> caption evaluation for the P-Former arm and the BLIP-2 baseline:
+wired to real Flickr8k shards by overrides only (with a given stage-0 checkpoint and a picture subset, as the
+data-scaling driver runs it), and the embedded demo run twice (its own stage 0, then the baseline)."""
 
 import json
 
@@ -8,7 +9,7 @@ import pytest
 from app.config import ConfigError
 from app.pipeline import load_pipeline_config
 
-from conftest import ROOT, coco_subset
+from conftest import ROOT, coco_subset, write_pformer_checkpoint
 
 DEMO = ROOT / "configs" / "demo.yaml"
 
@@ -44,37 +45,43 @@ def test_bad_pipeline_configs_fail_before_anything_runs():
 
 @pytest.mark.slow
 def test_pipeline_on_real_data_by_overrides(ray_session, tmp_path, tiny_models, tiny_vision, flickr_shards):
+    """Both arms on real Flickr8k shards, as one cell of the data-scaling driver: a given stage-0 checkpoint
+    (no stage-0 run of its own) and `common.data.train_pictures`."""
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
     from jobs import pipeline
 
+    pformer = write_pformer_checkpoint(tmp_path / "stage0" / "checkpoint_00000001", tiny_models, num_query_tokens=4)
     args = ["--config", str(DEMO), "--out", str(tmp_path / "out"), "--summary", str(tmp_path / "summary.json"),
-            *real_data_overrides(tmp_path, tiny_models, tiny_vision, flickr_shards)]
+            *real_data_overrides(tmp_path, tiny_models, tiny_vision, flickr_shards),
+            f"pipeline.stage0_checkpoint={pformer}", "common.data.train_pictures=8", "common.data.shuffle_buffer_rows=0"]
     assert pipeline.main(args) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stage0"] == {"stage": "pformer", "checkpoint": pformer, "reused": True}
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
-    parent = summary["parent_run_id"]
-    assert client.get_run(parent).info.status == "FINISHED"
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["stage0_checkpoint"] == pformer
     # Every stage of every arm and each evaluation is a child run of the one parent, with its metrics.
-    children = client.search_runs([client.get_run(parent).info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     by_name = {run.info.run_name: run for run in children}
     invocation = summary["invocation"]
-    expected = {f"{invocation}-stage0": "lm_loss", f"{invocation}-pformer-stage1": "itc_loss",
-                f"{invocation}-pformer-stage2": "lm_loss", f"{invocation}-blip2-stage1": "itc_loss",
-                f"{invocation}-blip2-stage2": "lm_loss"}
+    expected = {f"{invocation}-pformer-stage1": "itc_loss", f"{invocation}-pformer-stage2": "lm_loss",
+                f"{invocation}-blip2-stage1": "itc_loss", f"{invocation}-blip2-stage2": "lm_loss"}
     for name, metric in expected.items():
         assert metric in by_name[name].data.metrics, name
+        assert by_name[name].data.params["data.train_pictures"] == "8", name
+    assert sorted(r.data.tags.get("stage") for r in children) == ["evaluate", "evaluate", "llm", "llm", "qformer", "qformer"]
     evals = [run for run in children if run.data.tags.get("stage") == "evaluate"]
-    assert len(evals) == 2 and all("CIDEr" in run.data.metrics for run in evals)
+    assert all("CIDEr" in run.data.metrics for run in evals)
     # The baseline arm has no alignment term; the P-Former arm has it in both stages.
     assert "align_loss" in by_name[f"{invocation}-pformer-stage1"].data.metrics
     assert "align_loss" in by_name[f"{invocation}-pformer-stage2"].data.metrics
     assert "align_loss" not in by_name[f"{invocation}-blip2-stage1"].data.metrics
     assert "align_loss" not in by_name[f"{invocation}-blip2-stage2"].data.metrics
     # The parent holds the comparison table and the plot.
-    artifacts = {a.path for a in client.list_artifacts(parent)}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.png", "comparison.md", "comparison.json", "summary.json"} <= artifacts
     with Image.open(tmp_path / "out" / "comparison.png") as img:
         assert img.format == "PNG" and img.width > 600
@@ -88,17 +95,24 @@ def test_pipeline_on_real_data_by_overrides(ray_session, tmp_path, tiny_models, 
     assert [table[2][k] for k in ("Bleu_4", "CIDEr")] == [summary["random_baseline"][k] for k in ("Bleu_4", "CIDEr")]
     # Checkpoints chain: each arm's stage 2 started from its own stage 1; only the P-Former arm uses stage 0.
     for arm in ("pformer", "blip2"):
-        stage1, stage2 = summary["arms"][arm]["stage1"], summary["arms"][arm]["stage2"]
-        manifest = json.loads((tmp_path / "ckpt" / stage2["run_name"] / stage2["checkpoint"].rsplit("/", 1)[1]
+        check_arm_checkpoints(tmp_path / "ckpt", summary, arm, pformer if arm == "pformer" else None)
+
+
+def check_arm_checkpoints(storage, summary, arm, pformer):
+    stage1, stage2 = summary["arms"][arm]["stage1"], summary["arms"][arm]["stage2"]
+    for stage in (stage1, stage2):
+        manifest = json.loads((storage / stage["run_name"] / stage["checkpoint"].rsplit("/", 1)[1]
                                / "manifest.json").read_text())
-        assert manifest["init_from"]["qformer"] == stage1["checkpoint"]
-        assert manifest["frozen"]["pformer"] == (summary["stage0"]["checkpoint"] if arm == "pformer" else None)
-        assert manifest["align_weight"] == (100 if arm == "pformer" else 0)
+        assert manifest["frozen"]["pformer"] == pformer
+    assert manifest["init_from"]["qformer"] == stage1["checkpoint"]
+    assert manifest["align_weight"] == (100 if pformer else 0)
 
 
 @pytest.mark.slow
 def test_demo_pipeline_twice_reuses_the_generated_assets_and_starts_a_new_parent_run(ray_session, tmp_path,
                                                                                     monkeypatch, capsys):
+    """The embedded default as a user runs it, twice: the P-Former arm (with its own stage 0), then the
+    baseline arm; the second run finds the generated assets and is a new parent run beside the first."""
     from mlflow.tracking import MlflowClient
 
     from app.demo.assets import asset_fingerprint
@@ -106,14 +120,15 @@ def test_demo_pipeline_twice_reuses_the_generated_assets_and_starts_a_new_parent
 
     monkeypatch.chdir(tmp_path)  # the demo config's relative paths (.demo/, ./checkpoints, mlflow.db) land here
     smaller = ["demo.num_lines=2000", "demo.num_train_images=40", "demo.num_val_images=6", "demo.vision_steps=5",
-               "pipeline.arms=[blip2]", "pipeline.eval_limit=4", "pipeline.num_beams=1", "pipeline.max_new_tokens=4",
+               "pipeline.eval_limit=4", "pipeline.num_beams=1", "pipeline.max_new_tokens=4",
                "pipeline.min_new_tokens=1", "common.train.batch_size_per_worker=8", "common.train.warmup_steps=1",
                "common.train.log_every_steps=1", "common.data.val_max_batches=1"]
-    for stage in ("stage1", "stage2"):
+    for stage in ("stage0", "stage1", "stage2"):
         smaller += [f"{stage}.train.max_steps=2", f"{stage}.train.checkpoint_every_steps=2"]
     summaries, outputs, assets = [], [], []
-    for i in range(2):
-        assert pipeline.main(["--config", str(DEMO), "--summary", f"summary{i}.json", *smaller]) == 0
+    for i, arm in enumerate(("pformer", "blip2")):
+        assert pipeline.main(["--config", str(DEMO), "--summary", f"summary{i}.json", *smaller,
+                              f"pipeline.arms=[{arm}]"]) == 0
         outputs.append(capsys.readouterr().out)
         summaries.append(json.loads((tmp_path / f"summary{i}.json").read_text()))
         assets.append(asset_fingerprint(tmp_path / ".demo"))
@@ -132,9 +147,16 @@ def test_demo_pipeline_twice_reuses_the_generated_assets_and_starts_a_new_parent
     assert client.get_run(second).info.experiment_id == experiment
     parents = client.search_runs([experiment], filter_string="tags.stage = 'pipeline'")
     assert {run.info.run_id for run in parents} == {first, second}
-    for summary in summaries:
+    for summary, arm in zip(summaries, ("pformer", "blip2")):
         children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
-        assert {run.info.run_name for run in children} >= {f"{summary['invocation']}-blip2-stage1",
-                                                          f"{summary['invocation']}-blip2-stage2"}
+        names = {run.info.run_name: run for run in children}
+        stages = [f"{summary['invocation']}-{arm}-stage1", f"{summary['invocation']}-{arm}-stage2"]
+        if arm == "pformer":  # the P-Former arm trains its own stage 0 first, and its stages align to it
+            stages.append(f"{summary['invocation']}-stage0")
+            assert "lm_loss" in names[f"{summary['invocation']}-stage0"].data.metrics
+            assert not summary["stage0"].get("reused")
+        assert set(names) >= set(stages)
+        check_arm_checkpoints(tmp_path / "checkpoints", summary, arm,
+                              summary["stage0"]["checkpoint"] if arm == "pformer" else None)
     assert "mlflow ui --backend-store-uri" in outputs[1]
     assert f"then open http://127.0.0.1:5000/#/experiments/{experiment}/runs" in outputs[1]

@@ -14,7 +14,7 @@ import pytest
 from app.config import load_config
 from app.train.launcher import run_stage
 
-from conftest import ROOT, coco_captions
+from conftest import ROOT, coco_captions, fail_fast
 
 STAGE0 = ROOT / "configs" / "tiny" / "stage0.yaml"
 
@@ -46,14 +46,9 @@ def history_steps(client, run_id, key):
 # ---------------------------------------------------------------------------------------------
 
 
-def _job(args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "jobs.pretrain_pformer", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
 @pytest.mark.parametrize("case", ["unknown_key", "wrong_type", "missing_corpus", "empty_corpus", "no_column",
                                   "missing_model", "missing_demo_model"])
-def test_bad_input_fails_fast_with_a_message_and_no_ray(case, tmp_path, tiny_models):
+def test_bad_input_fails_fast_with_a_message_and_no_ray(case, tmp_path, tiny_models, monkeypatch, capsys):
     good = write_corpus(tmp_path / "good.tsv", coco_captions(50))
     base = overrides(tmp_path, tiny_models, f"sqlite:///{tmp_path / 'm.db'}", **{"data.text": good})
     empty = tmp_path / "empty.txt"
@@ -71,11 +66,10 @@ def test_bad_input_fails_fast_with_a_message_and_no_ray(case, tmp_path, tiny_mod
         "missing_demo_model": (["model.llm=.demo/models/no-such-model"],
                                "no-such-model' (run `python -m jobs.prepare_demo` to make the embedded models)"),
     }[case]
-    result = _job(["--config", str(STAGE0), *base, *extra], timeout=120)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr
-    assert "Started a local Ray instance" not in result.stderr + result.stdout
+    code, err = fail_fast("jobs.pretrain_pformer", ["--config", STAGE0, *base, *extra], monkeypatch, capsys,
+                          subprocess_run=case == "unknown_key")
+    assert code == 2, err[-2000:]
+    assert expected in err and "Traceback" not in err
 
 
 def test_two_workers_report_losses_checkpoints_and_mlflow(ray_session, tmp_path, tiny_models, mlflow_uri):
@@ -140,7 +134,7 @@ def test_s3_corpus_and_checkpoints_match_local(ray_session, tmp_path, tiny_model
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(ray_session, tmp_path, tiny_models, mlflow_uri):
-    corpus = write_corpus(tmp_path / "corpus.tsv", coco_captions(20_000))
+    corpus = write_corpus(tmp_path / "corpus.tsv", coco_captions(4000))  # 500 steps of 8: it is killed long before
     args = overrides(tmp_path, tiny_models, mlflow_uri, **{
         "data.text": corpus, "run.name": "killed", "train.max_steps": 100_000, "train.batch_size_per_worker": 8,
         "train.log_every_steps": 5, "train.checkpoint_every_steps": 10})
