@@ -292,10 +292,12 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], key: str, value: Any, model: type[BaseModel] | None = None) -> None:
+    """Set `a.b.c` in a raw config mapping, checking every part against the sections of `model` (a Config
+    by default; the pipeline config's own model for its `stage1.train.max_steps`-style keys)."""
     parts = key.split(".")
     node = tree
-    model: type[BaseModel] = Config
+    model = model or Config
     for depth, part in enumerate(parts):
         dotted = ".".join(parts[: depth + 1])
         fields = model.model_fields
@@ -360,7 +362,7 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None 
         if key in MOVED_KEYS:
             logger.warning("%s is deprecated: it is %s now", key, MOVED_KEYS[key])
             key = MOVED_KEYS[key]
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     try:
         return Config.model_validate(tree)
     except ValidationError as err:

@@ -27,7 +27,9 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app import storage, tracking
-from app.config import Config, ConfigError, _suggest, build_config, parse_override, read_yaml_mapping
+from app.config import (MOVED_KEYS, Config, ConfigError, _suggest, build_config, parse_override, read_yaml_mapping,
+                        set_dotted)
+from app.demo.assets import DemoAssets
 from app.evaluation.model import CAPTION_OPTIONS, GenerationOptions
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,17 @@ class PipelineSection(BaseModel):
                           "training one (e.g. one P-Former for many stage-1/2 runs).")
 
 
+class PipelineFile(BaseModel):
+    """The layout of a pipeline YAML and of its overrides: `common` and each stage hold stage-config keys."""
+
+    pipeline: PipelineSection
+    common: Config
+    stage0: Config
+    stage1: Config
+    stage2: Config
+    demo: DemoAssets
+
+
 class PipelineConfig(BaseModel):
     pipeline: PipelineSection
     stages: dict[str, dict[str, Any]]  # "stage0" -> raw stage mapping (common merged in), validated below
@@ -64,13 +77,9 @@ class PipelineConfig(BaseModel):
     def stage_config(self, key: str, **extra: Any) -> Config:
         raw = copy.deepcopy(self.stages[key])
         raw["stage"] = STAGE_KEYS[key]
-        for dotted, value in extra.items():
-            node = raw
-            *parents, leaf = dotted.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
         try:
+            for dotted, value in extra.items():
+                set_dotted(raw, dotted, value)
             return build_config(raw)
         except ConfigError as err:
             raise ConfigError(f"{key}: {err}") from None
@@ -103,13 +112,10 @@ def load_pipeline_config(path: Optional[str], overrides: Optional[list[str]] = N
         if head not in TOP_LEVEL or not rest:
             raise ConfigError(f"override '{item}': keys start with one of {', '.join(TOP_LEVEL)} "
                               f"(e.g. stage1.train.max_steps=50)")
-        node = raw.setdefault(head, {})
-        *parents, leaf = rest.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
-        node[leaf] = value
+        if rest in MOVED_KEYS and head != "pipeline":
+            logger.warning("%s is deprecated: it is %s.%s now", key, head, MOVED_KEYS[rest])
+            key = f"{head}.{MOVED_KEYS[rest]}"
+        set_dotted(raw, key, value, PipelineFile)
     try:
         section = PipelineSection.model_validate(raw.get("pipeline") or {})
     except ValidationError as err:
@@ -120,8 +126,6 @@ def load_pipeline_config(path: Optional[str], overrides: Optional[list[str]] = N
         raise ConfigError(f"pipeline.arms: unknown arm(s) {unknown_arms} (available: {list(ARMS)})")
     demo = None
     if raw.get("demo") is not None:
-        from app.demo.assets import DemoAssets
-
         try:
             demo = DemoAssets.model_validate(raw["demo"])
         except ValidationError as err:

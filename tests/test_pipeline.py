@@ -30,7 +30,7 @@ def real_data_overrides(tmp_path, tiny_models, tiny_vision, flickr_shards) -> li
 
 
 def test_bad_pipeline_configs_fail_before_anything_runs():
-    with pytest.raises(ConfigError, match="stage1: unknown config key 'train.max_stepz'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'stage1.train.max_stepz' \(did you mean 'stage1.train.max_steps'"):
         load_pipeline_config(DEMO, ["stage1.train.max_stepz=3"])
     with pytest.raises(ConfigError, match="keys start with one of pipeline, common, stage0"):
         load_pipeline_config(DEMO, ["stage9.train.max_steps=3"])
@@ -38,6 +38,10 @@ def test_bad_pipeline_configs_fail_before_anything_runs():
         load_pipeline_config(DEMO, ["pipeline.arms=[pformer, clip]"])
     with pytest.raises(ConfigError, match="pipeline.num_beams"):
         load_pipeline_config(DEMO, ["pipeline.num_beams=0"])
+    with pytest.raises(ConfigError, match="unknown config key 'demo.num_linez'"):
+        load_pipeline_config(DEMO, ["demo.num_linez=3"])
+    # Overrides and stage configs share one dotted-key reader, old keys included.
+    assert load_pipeline_config(DEMO, ["common.data.num_frames=4"]).stage_config("stage1").model.num_frames == 4
     config = load_pipeline_config(DEMO, ["common.model.num_query_tokens=16"])
     assert {config.stage_config(k).model.num_query_tokens for k in ("stage0", "stage1", "stage2")} == {16}
     assert config.stage_config("stage1").stage == "qformer" and config.stage_config("stage2").loss.align_weight == 100
