@@ -293,8 +293,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any, model: type[BaseModel] | None = None) -> None:
-    """Set `a.b.c` in a raw config mapping, checking every part against the sections of `model` (a Config
-    by default; the pipeline config's own model for its `stage1.train.max_steps`-style keys)."""
+    """Set `a.b.c` in a raw mapping, each part checked against the sections of `model` (default Config)."""
     parts = key.split(".")
     node = tree
     model = model or Config
