@@ -248,11 +248,7 @@ class Config(_Section):
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
     return out
 
 
@@ -264,14 +260,13 @@ def _suggest(key: str, choices: list[str]) -> str:
 def _check_keys(raw: Any, model: type[BaseModel], prefix: str = "") -> None:
     """Reject unknown keys with the dotted name and a suggestion, before pydantic sees them."""
     if not isinstance(raw, dict):
-        where = prefix.rstrip(".") or "the config"
-        raise ConfigError(f"{where}: expected a mapping of keys, got {type(raw).__name__} ({raw!r})")
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'}: expected a mapping of keys, got "
+                          f"{type(raw).__name__} ({raw!r})")
     fields = model.model_fields
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            known = [f"{prefix}{name}" for name in fields]
-            raise ConfigError(f"unknown config key '{dotted}'{_suggest(dotted, known)}")
+            raise ConfigError(f"unknown config key '{dotted}'{_suggest(dotted, [f'{prefix}{name}' for name in fields])}")
         annotation = fields[key].annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             _check_keys(value, annotation, dotted + ".")
@@ -333,6 +328,13 @@ def _format_validation_error(err: ValidationError) -> str:
 MOVED_KEYS = {"data.num_frames": "model.num_frames"}
 
 
+def moved_key(key: str, prefix: str = "") -> str:
+    """A dotted override key under its current name (with a deprecation message when it moved)."""
+    if key in MOVED_KEYS:
+        logger.warning("%s%s is deprecated: it is %s%s now", prefix, key, prefix, MOVED_KEYS[key])
+    return MOVED_KEYS.get(key, key)
+
+
 def _moved(tree: dict[str, Any]) -> dict[str, Any]:
     """`tree` with every old key of MOVED_KEYS under its new name (a ConfigError when both are set apart)."""
     tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
@@ -358,10 +360,7 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None 
     _check_keys(tree, Config)
     for item in overrides or []:
         key, value = parse_override(item)
-        if key in MOVED_KEYS:
-            logger.warning("%s is deprecated: it is %s now", key, MOVED_KEYS[key])
-            key = MOVED_KEYS[key]
-        set_dotted(tree, key, value)
+        set_dotted(tree, moved_key(key), value)
     try:
         return Config.model_validate(tree)
     except ValidationError as err:

@@ -27,7 +27,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app import storage, tracking
-from app.config import (MOVED_KEYS, Config, ConfigError, _suggest, build_config, parse_override, read_yaml_mapping,
+from app.config import (Config, ConfigError, _suggest, build_config, moved_key, parse_override, read_yaml_mapping,
                         set_dotted)
 from app.demo.assets import DemoAssets
 from app.evaluation.model import CAPTION_OPTIONS, GenerationOptions
@@ -112,9 +112,8 @@ def load_pipeline_config(path: Optional[str], overrides: Optional[list[str]] = N
         if head not in TOP_LEVEL or not rest:
             raise ConfigError(f"override '{item}': keys start with one of {', '.join(TOP_LEVEL)} "
                               f"(e.g. stage1.train.max_steps=50)")
-        if rest in MOVED_KEYS and head != "pipeline":
-            logger.warning("%s is deprecated: it is %s.%s now", key, head, MOVED_KEYS[rest])
-            key = f"{head}.{MOVED_KEYS[rest]}"
+        if head in ("common", *STAGE_KEYS):
+            key = f"{head}.{moved_key(rest, prefix=head + '.')}"
         set_dotted(raw, key, value, PipelineFile)
     try:
         section = PipelineSection.model_validate(raw.get("pipeline") or {})
