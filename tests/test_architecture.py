@@ -99,3 +99,13 @@ def test_every_module_imports_in_a_fresh_interpreter():
 def test_no_app_module_is_longer_than_a_reader_can_hold():
     lengths = {name: len(path.read_text().splitlines()) for name, path in app_modules().items()}
     assert {n: k for n, k in lengths.items() if k > MAX_APP_LINES} == {}
+
+
+def test_no_model_or_checkpoint_loads_code():
+    """Hugging Face models load without trust_remote_code (a model folder from a bucket cannot ship code), and
+    every torch.load is restricted to tensors and plain values."""
+    sources = {path: path.read_text() for folder in ("app", "jobs", "bench") for path in (ROOT / folder).rglob("*.py")}
+    assert [str(p) for p, text in sources.items() if "trust_remote_code" in text] == []
+    loads = {str(p): text.count("torch.load(") for p, text in sources.items() if "torch.load(" in text}
+    safe = {str(p): text.count("weights_only=True") for p, text in sources.items() if "torch.load(" in text}
+    assert loads and loads == safe

@@ -8,7 +8,8 @@ from app.config import tiny_config
 from app.data.text import preprocess_text_batch
 from app.data.captions import trim_padding
 from app.stages import PFormerStage
-from app.train.checkpoint import CheckpointError, TrainerState, load_submodule, load_trainable, save_checkpoint
+from app.train.checkpoint import (CheckpointError, TrainerState, load_submodule, load_trainable, load_training_state,
+                                  save_checkpoint)
 from app.train.optim import build_optimizer, build_scheduler, lr_at
 from app.losses import stage_losses
 
@@ -111,6 +112,45 @@ def test_checkpoint_round_trip_and_strict_mismatch(tiny_models, tmp_path):
         load_trainable(other, tmp_path)
     with pytest.raises(CheckpointError, match="no weights for 'qformer'"):
         load_submodule(model.pformer, tmp_path, "qformer")
+
+
+class _OpensAFile:
+    """Unpickling this calls open(path, "w"): what a crafted optimizer.pt in a shared bucket could do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_training_state_loads_only_plain_values_and_refuses_a_pickle_that_runs_code(tiny_models, tmp_path):
+    cfg, model = _model(tiny_models, "opt")
+    optimizer = build_optimizer(model.trainable_parameters(), 1e-3, 0.05, (0.9, 0.999))
+    scheduler = build_scheduler(optimizer, cfg.train)
+    stage_losses(model, _batch(tiny_models, "opt"))["loss"].backward()
+    optimizer.step()
+    scheduler.step()
+    save_checkpoint(tmp_path / "good", model=model, optimizer=optimizer, scheduler=scheduler, scaler=None,
+                    state=TrainerState(step=1, epoch=0, batches_in_epoch=1), config_yaml=cfg.to_yaml(),
+                    manifest={"stage": "pformer"})
+    fresh = build_optimizer(model.trainable_parameters(), 1e-3, 0.05, (0.9, 0.999))
+    fresh_scheduler = build_scheduler(fresh, cfg.train)
+    state = load_training_state(tmp_path / "good", fresh, fresh_scheduler, None)
+    assert state == TrainerState(step=1, epoch=0, batches_in_epoch=1) and fresh_scheduler.last_epoch == 1
+    exp_avg = [s["exp_avg"] for s in optimizer.state_dict()["state"].values()]
+    assert all(torch.equal(a, b["exp_avg"]) for a, b in zip(exp_avg, fresh.state_dict()["state"].values()))
+
+    marker = tmp_path / "code-ran"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "trainer_state.json").write_text((tmp_path / "good" / "trainer_state.json").read_text())
+    torch.save({"optimizer": _OpensAFile(marker), "scheduler": {}, "scaler": None}, bad / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="optimizer.pt holds more than tensors and plain values"):
+        load_training_state(bad, fresh, fresh_scheduler, None)
+    assert not marker.exists()
+    torch.load(bad / "optimizer.pt", weights_only=False)  # the payload is real: an unrestricted load runs it
+    assert marker.exists()
 
 
 def test_weight_decay_only_on_matrices_and_schedule_shape(tiny_models):

@@ -1,7 +1,8 @@
 """Checkpoint directories: what every stage writes and how it is read back, strictly.
 
     model.safetensors     trainable weights, keys "<submodule>.<param>" (frozen parts are not copied)
-    optimizer.pt          optimiser, scheduler and grad-scaler states
+    optimizer.pt          optimiser, scheduler and grad-scaler states (tensors and plain values only: read
+                          with torch.load(weights_only=True), so a crafted file cannot run code)
     trainer_state.json    step, epoch, batches consumed in that epoch
     config.yaml           the resolved run config
     manifest.json         stage, trainable submodules, URIs of the frozen parts it depends on
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -100,7 +102,13 @@ def load_trainable(model, directory: str | Path) -> None:
 
 
 def load_training_state(directory: str | Path, optimizer, scheduler, scaler) -> TrainerState:
-    states = torch.load(Path(directory) / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+    path = Path(directory) / OPTIMIZER_FILE
+    try:  # tensors, numbers, strings and containers only: unpickling cannot call anything
+        states = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[-1][:300]
+        raise CheckpointError(f"{path} holds more than tensors and plain values; it is not loaded, as unpickling "
+                              f"it could run code ({reason})") from None
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     if scaler is not None and states.get("scaler") is not None:
