@@ -102,7 +102,7 @@ def test_space_keys_and_values_are_checked_against_the_stage_before_any_trial(tm
     # Pipeline sweeps use the pipeline's keys, checked the same way.
     with pytest.raises(ConfigError, match="stage 'pformer' \\(stage0\\) does not use 'loss.itc_weight'"):
         check_pipeline_space(parse_space({"stage0.loss.itc_weight": {"grid": [0, 1]}}), str(ROOT / "configs" / "demo.yaml"), [])
-    with pytest.raises(ConfigError, match="stage1: unknown config key 'loss.align_wait'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'stage1.loss.align_wait' \(did you mean 'stage1.loss.align_weight'"):
         check_pipeline_space(parse_space({"stage1.loss.align_wait": {"grid": [0, 1]}}), str(ROOT / "configs" / "demo.yaml"), [])
 
 
