@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -106,9 +107,10 @@ def load_training_state(directory: str | Path, optimizer, scheduler, scaler) -> 
     try:  # tensors, numbers, strings and containers only: unpickling cannot call anything
         states = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[-1][:300]
-        raise CheckpointError(f"{path} holds more than tensors and plain values; it is not loaded, as unpickling "
-                              f"it could run code ({reason})") from None
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        refers = f" (it refers to {named.group(1)})" if named else ""
+        raise CheckpointError(f"{path} holds more than tensors and plain values{refers}; it is not loaded, as "
+                              f"unpickling it could run code") from None
     optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     if scaler is not None and states.get("scaler") is not None:
