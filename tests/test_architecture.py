@@ -106,6 +106,10 @@ def test_no_model_or_checkpoint_loads_code():
     every torch.load is restricted to tensors and plain values."""
     sources = {path: path.read_text() for folder in ("app", "jobs", "bench") for path in (ROOT / folder).rglob("*.py")}
     assert [str(p) for p, text in sources.items() if "trust_remote_code" in text] == []
-    loads = {str(p): text.count("torch.load(") for p, text in sources.items() if "torch.load(" in text}
-    safe = {str(p): text.count("weights_only=True") for p, text in sources.items() if "torch.load(" in text}
-    assert loads and loads == safe
+    loads = [(str(path), node) for path, text in sources.items() for node in ast.walk(ast.parse(text))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+             and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"]
+    unsafe = [f"{path}:{node.lineno}" for path, node in loads
+              if not any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                         for k in node.keywords)]
+    assert loads and unsafe == []
