@@ -96,6 +96,17 @@ def test_every_module_imports_in_a_fresh_interpreter():
         assert alone.returncode == 0, alone.stderr[-3000:]
 
 
+def test_the_dataset_functions_import_no_model_code():
+    """Ray Train's controller and each Ray Data split coordinator unpickle the datasets, and with them the
+    modules of their batch functions, at the start of every run: those modules must not pull in the models
+    (transformers' modeling code costs ~2.5 s a process on this machine)."""
+    code = ("import sys, app.data.samples, app.data.feature_cache\n"
+            "print(sorted(m for m in sys.modules if m.startswith('app.models') or m == 'transformers.modeling_utils'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
+
+
 def test_no_app_module_is_longer_than_a_reader_can_hold():
     lengths = {name: len(path.read_text().splitlines()) for name, path in app_modules().items()}
     assert {n: k for n, k in lengths.items() if k > MAX_APP_LINES} == {}

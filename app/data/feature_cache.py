@@ -41,8 +41,6 @@ from app import storage
 from app.config import Config, ConfigError
 from app.data.captions import CaptionSpec, tokenize_captions
 from app.data.stats import report_counts
-from app.models.pformer import PFormer
-from app.models.vision import VisionEncoder, image_size_for
 
 FORMAT_VERSION = 1
 IDENTITY_FILE = "_identity.json"
@@ -73,6 +71,11 @@ def run_identity(cfg: Config, s3: Optional[storage.S3Options], kind: str) -> dic
     the transform (features), the frozen P-Former and the caption handling (both kinds)."""
     if cfg.stage not in ("qformer", "llm"):
         raise ConfigError(f"stage: the feature cache serves stages 1 and 2 ('qformer', 'llm'), not '{cfg.stage}'")
+    # The models are imported here, not with the module: Ray Train's controller and Ray Data's coordinators
+    # unpickle this module's batch functions for every run and never build a model (~2 s of imports each).
+    from app.models.pformer import PFormer
+    from app.models.vision import VisionEncoder, image_size_for
+
     identity: dict[str, Any] = {"format": FORMAT_VERSION, "kind": kind}
     if kind == "features":
         vision = VisionEncoder.from_pretrained(storage.local_model(cfg.model.vision, s3), dtype=torch.float32,
