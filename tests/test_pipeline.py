@@ -1,32 +1,18 @@
-"""The pipeline job: stage 0 -> 1 -> 2 -> caption evaluation for the P-Former arm and the BLIP-2 baseline:
-wired to real Flickr8k shards by overrides only (with a given stage-0 checkpoint and a picture subset, as the
-data-scaling driver runs it), and the embedded demo run twice (its own stage 0, then the baseline)."""
+"""The pipeline job: stage 0 -> 1 -> 2 -> caption evaluation for the P-Former arm and the BLIP-2 baseline.
+The embedded demo runs as a user runs it, then again wired to real Flickr8k shards by overrides only, with
+the first run's stage 0 given and a picture subset (one cell of the data-scaling driver)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from app.config import ConfigError
 from app.pipeline import load_pipeline_config
 
-from conftest import ROOT, coco_subset, write_pformer_checkpoint
+from conftest import ROOT
 
 DEMO = ROOT / "configs" / "demo.yaml"
-
-
-def real_data_overrides(tmp_path, tiny_models, tiny_vision, flickr_shards) -> list[str]:
-    steps = {"stage0": 6, "stage1": 6, "stage2": 6}
-    out = [f"common.run.storage_path={tmp_path / 'ckpt'}", f"common.mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-           f"common.data.text={coco_subset()}", f"common.data.train={flickr_shards}", f"common.data.val={flickr_shards}",
-           f"common.model.pformer={tiny_models['bert']}", f"common.model.qformer={tiny_models['bert']}",
-           f"common.model.llm={tiny_models['opt']}", f"common.model.vision={tiny_vision['blip2']}",
-           "common.model.num_query_tokens=4", "common.train.batch_size_per_worker=8", "common.train.warmup_steps=2",
-           "common.train.log_every_steps=3", "common.data.val_max_batches=1",
-           "pipeline.eval_limit=6", "pipeline.num_beams=2", "pipeline.max_new_tokens=6", "pipeline.min_new_tokens=1",
-           "pipeline.name=wiring"]
-    for stage, n in steps.items():
-        out += [f"{stage}.train.max_steps={n}", f"{stage}.train.checkpoint_every_steps={n}"]
-    return out
 
 
 def test_bad_pipeline_configs_fail_before_anything_runs():
@@ -47,61 +33,6 @@ def test_bad_pipeline_configs_fail_before_anything_runs():
     assert config.stage_config("stage1").stage == "qformer" and config.stage_config("stage2").loss.align_weight == 100
 
 
-@pytest.mark.slow
-def test_pipeline_on_real_data_by_overrides(ray_session, tmp_path, tiny_models, tiny_vision, flickr_shards):
-    """Both arms on real Flickr8k shards, as one cell of the data-scaling driver: a given stage-0 checkpoint
-    (no stage-0 run of its own) and `common.data.train_pictures`."""
-    from mlflow.tracking import MlflowClient
-    from PIL import Image
-
-    from jobs import pipeline
-
-    pformer = write_pformer_checkpoint(tmp_path / "stage0" / "checkpoint_00000001", tiny_models, num_query_tokens=4)
-    args = ["--config", str(DEMO), "--out", str(tmp_path / "out"), "--summary", str(tmp_path / "summary.json"),
-            *real_data_overrides(tmp_path, tiny_models, tiny_vision, flickr_shards),
-            f"pipeline.stage0_checkpoint={pformer}", "common.data.train_pictures=8", "common.data.shuffle_buffer_rows=0"]
-    assert pipeline.main(args) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["stage0"] == {"stage": "pformer", "checkpoint": pformer, "reused": True}
-    client = MlflowClient(tracking_uri=summary["tracking_uri"])
-    parent = client.get_run(summary["parent_run_id"])
-    assert parent.info.status == "FINISHED" and parent.data.tags["stage0_checkpoint"] == pformer
-    # Every stage of every arm and each evaluation is a child run of the one parent, with its metrics.
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    by_name = {run.info.run_name: run for run in children}
-    invocation = summary["invocation"]
-    expected = {f"{invocation}-pformer-stage1": "itc_loss", f"{invocation}-pformer-stage2": "lm_loss",
-                f"{invocation}-blip2-stage1": "itc_loss", f"{invocation}-blip2-stage2": "lm_loss"}
-    for name, metric in expected.items():
-        assert metric in by_name[name].data.metrics, name
-        assert by_name[name].data.params["data.train_pictures"] == "8", name
-    assert sorted(r.data.tags.get("stage") for r in children) == ["evaluate", "evaluate", "llm", "llm", "qformer", "qformer"]
-    evals = [run for run in children if run.data.tags.get("stage") == "evaluate"]
-    assert all("CIDEr" in run.data.metrics for run in evals)
-    # The baseline arm has no alignment term; the P-Former arm has it in both stages.
-    assert "align_loss" in by_name[f"{invocation}-pformer-stage1"].data.metrics
-    assert "align_loss" in by_name[f"{invocation}-pformer-stage2"].data.metrics
-    assert "align_loss" not in by_name[f"{invocation}-blip2-stage1"].data.metrics
-    assert "align_loss" not in by_name[f"{invocation}-blip2-stage2"].data.metrics
-    # The parent holds the comparison table and the plot.
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"comparison.png", "comparison.md", "comparison.json", "summary.json"} <= artifacts
-    with Image.open(tmp_path / "out" / "comparison.png") as img:
-        assert img.format == "PNG" and img.width > 600
-    table = json.loads((tmp_path / "out" / "comparison.json").read_text())
-    assert [row["arm"] for row in table] == ["pformer", "blip2", "random captions"]
-    for arm in ("pformer", "blip2"):
-        assert {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(summary["arms"][arm]["eval"]["metrics"])
-    # The random-captions row scores the same references with the captions of other images, with every metric
-    # the arms have; the table reports the summary's numbers.
-    assert set(summary["random_baseline"]) >= {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
-    assert [table[2][k] for k in ("Bleu_4", "CIDEr")] == [summary["random_baseline"][k] for k in ("Bleu_4", "CIDEr")]
-    # Checkpoints chain: each arm's stage 2 started from its own stage 1; only the P-Former arm uses stage 0.
-    for arm in ("pformer", "blip2"):
-        check_arm_checkpoints(tmp_path / "ckpt", summary, arm, pformer if arm == "pformer" else None)
-
-
 def check_arm_checkpoints(storage, summary, arm, pformer):
     stage1, stage2 = summary["arms"][arm]["stage1"], summary["arms"][arm]["stage2"]
     for stage in (stage1, stage2):
@@ -112,55 +43,95 @@ def check_arm_checkpoints(storage, summary, arm, pformer):
     assert manifest["align_weight"] == (100 if pformer else 0)
 
 
+def stage_children(client, summary) -> dict:
+    experiment = client.get_run(summary["parent_run_id"]).info.experiment_id
+    children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
+    return {run.info.run_name: run for run in children}
+
+
 @pytest.mark.slow
-def test_demo_pipeline_twice_reuses_the_generated_assets_and_starts_a_new_parent_run(ray_session, tmp_path,
-                                                                                    monkeypatch, capsys):
-    """The embedded default as a user runs it, twice: the P-Former arm (with its own stage 0), then the
-    baseline arm; the second run finds the generated assets and is a new parent run beside the first."""
+def test_demo_pipeline_then_real_shards_by_overrides_reusing_the_assets_and_stage0(ray_session, tmp_path, monkeypatch,
+                                                                                 capsys, flickr_shards):
+    """First the embedded default as a user runs it (both arms, its own stage 0); then the same config on real
+    Flickr8k shards by overrides only, as one cell of the data-scaling driver runs it (the first run's stage 0
+    given, `common.data.train_pictures`): it finds the generated assets and is a new parent run beside the first."""
     from mlflow.tracking import MlflowClient
+    from PIL import Image
 
     from app.demo.assets import asset_fingerprint
     from jobs import pipeline
 
     monkeypatch.chdir(tmp_path)  # the demo config's relative paths (.demo/, ./checkpoints, mlflow.db) land here
     smaller = ["demo.num_lines=2000", "demo.num_train_images=40", "demo.num_val_images=6", "demo.vision_steps=5",
-               "pipeline.eval_limit=4", "pipeline.num_beams=1", "pipeline.max_new_tokens=4",
+               "demo.llm_steps=20", "pipeline.eval_limit=4", "pipeline.num_beams=1", "pipeline.max_new_tokens=4",
                "pipeline.min_new_tokens=1", "common.train.batch_size_per_worker=8", "common.train.warmup_steps=1",
                "common.train.log_every_steps=1", "common.data.val_max_batches=1"]
     for stage in ("stage0", "stage1", "stage2"):
         smaller += [f"{stage}.train.max_steps=2", f"{stage}.train.checkpoint_every_steps=2"]
-    summaries, outputs, assets = [], [], []
-    for i, arm in enumerate(("pformer", "blip2")):
-        assert pipeline.main(["--config", str(DEMO), "--summary", f"summary{i}.json", *smaller,
-                              f"pipeline.arms=[{arm}]"]) == 0
-        outputs.append(capsys.readouterr().out)
-        summaries.append(json.loads((tmp_path / f"summary{i}.json").read_text()))
-        assets.append(asset_fingerprint(tmp_path / ".demo"))
-    # The first run generated the corpus, shards and tiny models; the second found them and rebuilt nothing.
-    assert "[demo] assets ready in .demo" in outputs[0] and "reusing" not in outputs[0]
-    assert "[demo] reusing the assets prepared earlier in .demo" in outputs[1]
-    assert "drawing" not in outputs[1]
-    assert assets[0] == assets[1] and {"models/READY.json", "shards/READY.json"} <= set(assets[0])
-    assert (tmp_path / ".demo" / "shards" / "train").is_dir() and (tmp_path / ".demo" / "models" / "opt").is_dir()
-    # Each invocation is its own parent run with its own children, in the same experiment.
-    first, second = (s["parent_run_id"] for s in summaries)
-    assert first != second and summaries[0]["invocation"] != summaries[1]["invocation"]
-    client = MlflowClient(tracking_uri=summaries[1]["tracking_uri"])
-    assert summaries[0]["tracking_uri"] == summaries[1]["tracking_uri"]
-    experiment = client.get_run(first).info.experiment_id
-    assert client.get_run(second).info.experiment_id == experiment
+    assert pipeline.main(["--config", str(DEMO), "--summary", "demo.json", *smaller]) == 0
+    first_out = capsys.readouterr().out
+    demo = json.loads((tmp_path / "demo.json").read_text())
+    assets = asset_fingerprint(tmp_path / ".demo")
+    assert "[demo] assets ready in .demo" in first_out and "reusing" not in first_out
+    assert {"models/READY.json", "shards/READY.json"} <= set(assets)
+    client = MlflowClient(tracking_uri=demo["tracking_uri"])
+    parent = client.get_run(demo["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    # Stage 0 once (for the P-Former arm), every stage of every arm and each evaluation: children of one parent.
+    names = stage_children(client, demo)
+    invocation = demo["invocation"]
+    assert not demo["stage0"].get("reused") and "lm_loss" in names[f"{invocation}-stage0"].data.metrics
+    for arm in ("pformer", "blip2"):
+        assert "itc_loss" in names[f"{invocation}-{arm}-stage1"].data.metrics
+        assert "lm_loss" in names[f"{invocation}-{arm}-stage2"].data.metrics
+        # The baseline arm has no alignment term; the P-Former arm has it in both stages.
+        for stage in ("stage1", "stage2"):
+            assert ("align_loss" in names[f"{invocation}-{arm}-{stage}"].data.metrics) == (arm == "pformer")
+    tags = sorted(r.data.tags.get("stage") for r in names.values())
+    assert tags == ["evaluate", "evaluate", "llm", "llm", "pformer", "qformer", "qformer"]
+    assert all("CIDEr" in r.data.metrics for r in names.values() if r.data.tags.get("stage") == "evaluate")
+    # The parent holds the comparison table and the plot.
+    out = Path(demo["outputs"])
+    assert {"comparison.png", "comparison.md", "comparison.json", "summary.json"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+    with Image.open(out / "comparison.png") as img:
+        assert img.format == "PNG" and img.width > 600
+    table = json.loads((out / "comparison.json").read_text())
+    assert [row["arm"] for row in table] == ["pformer", "blip2", "random captions"]
+    for arm in ("pformer", "blip2"):
+        assert {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(demo["arms"][arm]["eval"]["metrics"])
+    # The random-captions row scores the same references with the captions of other images, with every metric
+    # the arms have; the table reports the summary's numbers.
+    assert set(demo["random_baseline"]) >= {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
+    assert [table[2][k] for k in ("Bleu_4", "CIDEr")] == [demo["random_baseline"][k] for k in ("Bleu_4", "CIDEr")]
+    # Checkpoints chain: each arm's stage 2 started from its own stage 1; only the P-Former arm uses stage 0.
+    for arm in ("pformer", "blip2"):
+        check_arm_checkpoints(tmp_path / "checkpoints", demo, arm, demo["stage0"]["checkpoint"] if arm == "pformer" else None)
+
+    # Again, on real shards by overrides, with the first run's stage 0 and the first 8 pictures.
+    stage0 = demo["stage0"]["checkpoint"]
+    assert pipeline.main(["--config", str(DEMO), "--summary", "cell.json", *smaller, "pipeline.name=cell",
+                          f"common.data.train={flickr_shards}", f"common.data.val={flickr_shards}",
+                          f"pipeline.stage0_checkpoint={stage0}", "common.data.train_pictures=8",
+                          "common.data.shuffle_buffer_rows=0", "pipeline.arms=[pformer]"]) == 0
+    second_out = capsys.readouterr().out
+    cell = json.loads((tmp_path / "cell.json").read_text())
+    # It found the generated corpus, shards and tiny models and rebuilt nothing.
+    assert "[demo] reusing the assets prepared earlier in .demo" in second_out and "drawing" not in second_out
+    assert asset_fingerprint(tmp_path / ".demo") == assets
+    assert cell["stage0"] == {"stage": "pformer", "checkpoint": stage0, "reused": True}
+    parent = client.get_run(cell["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["stage0_checkpoint"] == stage0
+    names = stage_children(client, cell)
+    assert sorted(r.data.tags.get("stage") for r in names.values()) == ["evaluate", "llm", "qformer"]  # no stage 0
+    for stage in ("stage1", "stage2"):
+        run = names[f"{cell['invocation']}-pformer-{stage}"]
+        assert run.data.params["data.train_pictures"] == "8" and run.data.params["data.train"] == str(flickr_shards)
+    check_arm_checkpoints(tmp_path / "checkpoints", cell, "pformer", stage0)
+    # Each invocation is its own parent run, in the same experiment; the UI command opens its runs table.
+    experiment = parent.info.experiment_id
+    assert client.get_run(demo["parent_run_id"]).info.experiment_id == experiment
     parents = client.search_runs([experiment], filter_string="tags.stage = 'pipeline'")
-    assert {run.info.run_id for run in parents} == {first, second}
-    for summary, arm in zip(summaries, ("pformer", "blip2")):
-        children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
-        names = {run.info.run_name: run for run in children}
-        stages = [f"{summary['invocation']}-{arm}-stage1", f"{summary['invocation']}-{arm}-stage2"]
-        if arm == "pformer":  # the P-Former arm trains its own stage 0 first, and its stages align to it
-            stages.append(f"{summary['invocation']}-stage0")
-            assert "lm_loss" in names[f"{summary['invocation']}-stage0"].data.metrics
-            assert not summary["stage0"].get("reused")
-        assert set(names) >= set(stages)
-        check_arm_checkpoints(tmp_path / "checkpoints", summary, arm,
-                              summary["stage0"]["checkpoint"] if arm == "pformer" else None)
-    assert "mlflow ui --backend-store-uri" in outputs[1]
-    assert f"then open http://127.0.0.1:5000/#/experiments/{experiment}/runs" in outputs[1]
+    assert {run.info.run_id for run in parents} == {demo["parent_run_id"], cell["parent_run_id"]}
+    assert "mlflow ui --backend-store-uri" in second_out
+    assert f"then open http://127.0.0.1:5000/#/experiments/{experiment}/runs" in second_out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -110,6 +110,9 @@ def prepare_test_pictures(root: Path, num_test: int, test_seed: int, num_train: 
     return {"test": str(out)}
 
 
+DEMO_LLM_STEPS = {"opt": 1000, "t5": 1500}
+
+
 class DemoAssets(BaseModel):
     """The `demo` section of a pipeline config: what to generate before the stages run."""
 
@@ -122,6 +125,8 @@ class DemoAssets(BaseModel):
     vision_steps: int = Field(800, ge=0, description="Pre-training steps of the tiny image encoder (0: random).")
     llms: list[Literal["opt", "t5"]] = Field(default_factory=lambda: ["opt"], min_length=1,
                                              description="Tiny LLMs to prepare (t5 takes a few minutes).")
+    llm_steps: Optional[int] = Field(None, ge=0, description="Language-modelling steps of each tiny LLM "
+                                                             "(default: opt 1000, t5 1500; fewer for wiring checks).")
     num_test_images: int = Field(0, ge=0, description="Held-out test pictures (shards/test; 0: none), each "
                                                        "with a scene in neither the training nor the validation pictures.")
     test_seed: int = Field(1000, description="Seed of the test pictures' drawing (the training pictures use `seed`, "
@@ -137,7 +142,8 @@ def asset_fingerprint(root: str | Path) -> dict[str, float]:
 
 def prepare_demo_assets(root: str | Path = DEFAULT_ROOT, num_lines: int = 50_000, num_train_images: int = 2000,
                         num_val_images: int = 200, seed: int = 0, llms: Sequence[str] = ("opt",),
-                        vision_steps: int = 800, num_test_images: int = 0, test_seed: int = 1000) -> dict[str, str]:
+                        vision_steps: int = 800, num_test_images: int = 0, test_seed: int = 1000,
+                        llm_steps: Optional[int] = None) -> dict[str, str]:
     """`<root>/text/corpus.txt`, `<root>/models/{bert,vision}` + one folder per tiny LLM in `llms` (opt: a
     few seconds; t5: a few minutes, it needs more steps to learn to read its encoder) and
     `<root>/shards/{train,val}`. Prints what it builds; a call that finds everything in place prints one
@@ -153,7 +159,7 @@ def prepare_demo_assets(root: str | Path = DEFAULT_ROOT, num_lines: int = 50_000
     # The tiny OPT learns from captions and caption-paraphrase pairs: without the pairs it barely reads a
     # soft prompt, and stage 2 converges to one caption for every picture.
     models = prepare_tiny_models(root / "models", lines, seed=seed, bert_vocab=500, llm_vocab=500, llms=tuple(llms),
-                                 lm_steps={"opt": 1000, "t5": 1500}, lm_lines=paraphrase_corpus(num_lines, seed + 7),
+                                 lm_steps=DEMO_LLM_STEPS if llm_steps is None else dict.fromkeys(DEMO_LLM_STEPS, llm_steps), lm_lines=paraphrase_corpus(num_lines, seed + 7),
                                  lm_max_len=64)
     images = prepare_image_assets(root, num_train_images, num_val_images, seed, vision_steps)
     if num_test_images:
