@@ -2,7 +2,7 @@
 (`data.train_pictures`) on real shards, training on exactly N pictures (counted by the image ids the
 stage-1 training stream carries), and a held-out test set whose scenes appear in neither the training
 nor the validation pictures. A grid cell through the pipeline (a given stage-0 checkpoint, a picture subset)
-is tests/test_pipeline.py::test_pipeline_on_real_data_by_overrides."""
+is the second half of tests/test_pipeline.py::test_demo_pipeline_then_real_shards_by_overrides_reusing_the_assets_and_stage0."""
 
 from __future__ import annotations
 
