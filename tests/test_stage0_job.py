@@ -14,7 +14,7 @@ import pytest
 from app.config import load_config
 from app.train.launcher import run_stage
 
-from conftest import ROOT, coco_captions, fail_fast
+from conftest import COCO_SUBSET_LINES, ROOT, STAGE0_STEPS, STAGE0_WINDOW, coco_captions, fail_fast
 
 STAGE0 = ROOT / "configs" / "tiny" / "stage0.yaml"
 
@@ -176,17 +176,52 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, tmp_path, tiny
     assert again["checkpoint"] == resumed["checkpoint"] and again["data"] == {}
 
 
+def heldout_lm_loss(kind: str, tiny_models: dict, checkpoint=None, batches: int = 4, batch_size: int = 64) -> float:
+    """Mean LM loss through the soft prompt on COCO captions no stage-0 test run reads (those after the
+    subset), in eval mode: the P-Former as the run initialised it (same seed), or with `checkpoint`'s weights."""
+    import numpy as np
+    import torch
+
+    from app.data.captions import trim_padding
+    from app.data.text import preprocess_text_batch
+    from app.losses import stage_losses
+    from app.stages import PFormerStage
+    from app.train.checkpoint import load_trainable
+
+    cfg = load_config(STAGE0, [f"model.pformer={tiny_models['bert']}", f"model.llm={tiny_models[kind]}",
+                               "model.num_query_tokens=32"])
+    captions = coco_captions()[COCO_SUBSET_LINES:COCO_SUBSET_LINES + batches * batch_size]
+    torch.manual_seed(cfg.run.seed)  # the training loop seeds rank 0 with run.seed before it builds the model
+    model = PFormerStage().build_model(cfg)
+    if checkpoint is not None:
+        load_trainable(model, checkpoint)
+    model.eval()
+    values = []
+    with torch.no_grad():
+        for i in range(batches):
+            texts = captions[i * batch_size:(i + 1) * batch_size]
+            raw = {"text": np.array(texts, dtype=object), "problem": np.array([None] * len(texts), dtype=object)}
+            arrays = preprocess_text_batch(raw, pformer_tokenizer=cfg.model.pformer, llm_tokenizer=cfg.model.llm,
+                                           llm_is_encoder_decoder=kind == "t5", max_chars=cfg.data.max_chars,
+                                           max_txt_len=cfg.data.max_txt_len, seed=i)
+            batch = trim_padding({k: torch.from_numpy(v).long() for k, v in arrays.items()})
+            values.append(float(stage_losses(model, batch)["lm_loss"]))
+    return sum(values) / len(values)
+
+
 # The tiny T5 learns to use its soft prompt more slowly than the tiny OPT (the prompt must carry the
 # unseen suffix, not just steer the next token), so it gets more steps and a smaller, still clear margin.
 # The runs themselves are the session's stage-0 P-Formers (conftest.stage0), which stages 1 and 2 reuse.
+# Judged on held-out captions against the untrained P-Former, not on the training windows: the tiny T5's
+# windows reach their plateau within the first one or two, so a first-vs-last window comparison moved with
+# the stream order (a fall of 0.10 in one run, 0.02 in another).
 @pytest.mark.parametrize("kind, margin", [("opt", 0.15), ("t5", 0.06)])
-def test_lm_loss_falls_on_real_captions(stage0, kind, margin):
+def test_lm_loss_falls_on_real_captions(stage0, tiny_models, kind, margin):
     summary = stage0[kind]
-    history = sorted(mlflow_client(stage0["mlflow_uri"]).get_metric_history(summary["mlflow_run_id"], "lm_loss"),
-                     key=lambda m: m.step)
-    first = sum(m.value for m in history[:2]) / 2
-    last = sum(m.value for m in history[-2:]) / 2
-    assert last < first - margin, [round(m.value, 3) for m in history]
+    history = mlflow_client(stage0["mlflow_uri"]).get_metric_history(summary["mlflow_run_id"], "lm_loss")
+    assert len(history) == STAGE0_STEPS[kind] // STAGE0_WINDOW[kind]  # one value per logging window
+    before, after = heldout_lm_loss(kind, tiny_models), heldout_lm_loss(kind, tiny_models, summary["checkpoint"])
+    assert after < before - margin, (before, after)
 
 
 def test_corpus_with_nothing_usable_is_a_clear_error(ray_session, tmp_path, tiny_models, mlflow_uri):
