@@ -112,9 +112,32 @@ def ray_session():
     ray.shutdown()
 
 
+_EMPTY_MLFLOW_STORE: list[Path] = []
+
+
+def mlflow_store(path: Path) -> str:
+    """The URI of a SQLite MLflow store at `path`; a new one is a copy of an empty store whose tables MLflow
+    created once per test process (creating them is 1-2 s of migrations, paid by about 50 stores a run).
+    An existing store is left as it is."""
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    if not path.exists():
+        if not _EMPTY_MLFLOW_STORE:
+            from mlflow.tracking import MlflowClient
+
+            empty = Path(tempfile.mkdtemp(prefix="pformer-tests-mlflow-")) / "empty.db"
+            MlflowClient(tracking_uri=f"sqlite:///{empty}").search_experiments()  # creates the tables
+            _EMPTY_MLFLOW_STORE.append(empty)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_EMPTY_MLFLOW_STORE[0], path)
+    return f"sqlite:///{path}"
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return mlflow_store(tmp_path / "mlflow.db")
 
 
 @pytest.fixture(scope="session")
@@ -163,7 +186,7 @@ def stage0(ray_session, tiny_models, shared_data, tmp_path_factory) -> dict:
     from app.train.launcher import run_stage
 
     root = tmp_path_factory.mktemp("stage0")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = mlflow_store(root / "mlflow.db")
 
     class Lazy(dict):
         def __missing__(self, kind):
@@ -240,7 +263,7 @@ def chains(stage0, flickr_shards, tiny_models, tiny_vision, s3_endpoint, tmp_pat
 
     class Lazy(dict):
         def __missing__(self, kind):
-            mlflow_uri = f"sqlite:///{root / f'mlflow-{kind}.db'}"
+            mlflow_uri = mlflow_store(root / f"mlflow-{kind}.db")
             extra, storage, train_uri = {}, None, str(flickr_shards)
             if kind == "t5":
                 bucket = "chain-t5"

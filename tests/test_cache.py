@@ -15,14 +15,14 @@ import torch
 
 from app.config import load_config
 
-from conftest import FLICKR, ROOT, bad_samples, photo, stage_args, write_tar
+from conftest import FLICKR, ROOT, bad_samples, mlflow_store, photo, stage_args, write_tar
 
 STAGE1 = ROOT / "configs" / "tiny" / "stage1.yaml"
 STAGE2 = ROOT / "configs" / "tiny" / "stage2.yaml"
 
 
 def cache_config(tmp_path, tiny_models, tiny_vision, pformer_checkpoint, *, out, train, extra=(), config=STAGE1):
-    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_uri = mlflow_store(tmp_path / "mlflow.db")
     items = stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
         "data.train": train, "init_from.pformer": pformer_checkpoint["opt"], "cache.out": out})
     return load_config(config, items + list(extra))
@@ -37,7 +37,7 @@ def run_job(cfg_args: list[str], capsys) -> tuple[int, str]:
 
 
 def job_args(tmp_path, tiny_models, tiny_vision, pformer_checkpoint, *, out, train, extra=(), config=STAGE1) -> list[str]:
-    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_uri = mlflow_store(tmp_path / "mlflow.db")
     items = stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
         "data.train": train, "init_from.pformer": pformer_checkpoint["opt"], "cache.out": out})
     return ["--config", str(config), *items, *extra]
@@ -242,7 +242,7 @@ def test_stage1_trains_from_a_cache_on_s3(ray_session, pformer_checkpoint, flick
     code, printed = run_job(job_args(tmp_path, tiny_models, tiny_vision, pformer_checkpoint, out=uri, train=str(flickr_shards),
                                      extra=s3), capsys)
     assert code == 0 and "finished: 240 rows" in printed, printed
-    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_uri = mlflow_store(tmp_path / "mlflow.db")
     cfg = load_config(STAGE1, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
         "data.train": "null", "data.train_features": uri, "init_from.pformer": pformer_checkpoint["opt"],
         "train.max_steps": 60, "train.epochs": 10, "train.log_every_steps": 15, "train.checkpoint_every_steps": 60,
@@ -270,7 +270,7 @@ def test_stage1_trains_from_a_prompt_cache(ray_session, pformer_checkpoint, flic
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["identity"]["kind"] == "prompts" and "vision" not in manifest["identity"]
     assert "image" in pq.read_table(out / manifest["parts"][0]).column_names
-    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_uri = mlflow_store(tmp_path / "mlflow.db")
     cfg = load_config(STAGE1, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
         "data.train": "null", "data.train_features": str(out), "init_from.pformer": pformer_checkpoint["opt"],
         "train.max_steps": 20, "train.log_every_steps": 10, "train.checkpoint_every_steps": 20,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, coco_subset
+from conftest import ROOT, coco_subset, mlflow_store
 
 STAGE0 = ROOT / "configs" / "tiny" / "stage0.yaml"
 RAY = str(Path(sys.executable).parent / "ray")
@@ -86,7 +86,7 @@ def ray_head(tmp_path):
 def test_ray_job_submit_runs_a_stage_on_a_head_with_token_auth(ray_head, tmp_path, tiny_models):
     from mlflow.tracking import MlflowClient
 
-    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_uri = mlflow_store(tmp_path / "mlflow.db")
     env = ray_head["env"]
     # Without the token the job API refuses.
     anonymous = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
@@ -118,7 +118,7 @@ def test_ray_job_submit_runs_a_stage_on_a_head_with_token_auth(ray_head, tmp_pat
 def test_training_across_two_ray_nodes_one_worker_each(tmp_path, tiny_models):
     from mlflow.tracking import MlflowClient
 
-    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_uri = mlflow_store(tmp_path / "mlflow.db")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "helpers" / "two_nodes.py"), str(STAGE0),

@@ -15,7 +15,7 @@ import pytest
 from app.config import ConfigError, load_config
 from app.data.sources import first_pictures, image_id_number, iter_tar_samples, picture_name
 
-from conftest import FLICKR, ROOT, photo, stage_args, write_tar
+from conftest import FLICKR, ROOT, mlflow_store, photo, stage_args, write_tar
 
 SPEC = importlib.util.spec_from_file_location("data_scaling", ROOT / "bench" / "data_scaling.py")
 data_scaling = importlib.util.module_from_spec(SPEC)
@@ -158,7 +158,7 @@ def test_stage1_trains_on_exactly_the_first_n_pictures(ray_session, flickr_shard
                 if picture_name(row) not in expected:
                     expected.append(picture_name(row))
     n = 20
-    items = stage_args(tmp_path, tiny_models, tiny_vision, f"sqlite:///{tmp_path / 'mlflow.db'}", **{
+    items = stage_args(tmp_path, tiny_models, tiny_vision, mlflow_store(tmp_path / "mlflow.db"), **{
         "data.train": str(flickr_shards), "data.train_pictures": n, "loss.align_weight": 0,
         "loss.itc_same_image_positives": "true"})
     cfg = load_config(ROOT / "configs" / "tiny" / "stage1.yaml", items)

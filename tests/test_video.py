@@ -21,7 +21,7 @@ from app.data.media import MediaSpec
 from app.data.sources import SCHEMA, iter_tar_samples
 from app.data.video import clip_pixels, decode_frames, frame_indices, transform_frames
 
-from conftest import ROOT, SHARED_DATA, make_shards_cli, photo, write_pformer_checkpoint, write_tar
+from conftest import ROOT, SHARED_DATA, make_shards_cli, mlflow_store, photo, write_pformer_checkpoint, write_tar
 
 MSRVTT = SHARED_DATA / "msrvtt"
 CLIPS = sorted((MSRVTT / "videos").glob("*.mp4"))
@@ -294,7 +294,7 @@ def video_chain(ray_session, tiny_models, tiny_vision, s3_endpoint, shared_data,
                            "--shard-size", "6", "--s3-endpoint", s3_endpoint, "--s3-region", "us-east-1")
     assert done.returncode == 0, done.stderr[-3000:]
     shards = f"s3://{bucket}/msrvtt"
-    mlflow_uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow_uri = mlflow_store(root / "mlflow.db")
     common = {"run.storage_path": str(root / "ckpt"), "mlflow.tracking_uri": mlflow_uri, "model.llm": tiny_models["t5"]}
     s3 = {"storage.s3_endpoint": s3_endpoint, "storage.s3_region": "us-east-1"}
 
