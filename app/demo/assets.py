@@ -158,9 +158,9 @@ def prepare_demo_assets(root: str | Path = DEFAULT_ROOT, num_lines: int = 50_000
         text_path.write_text(content)
     # The tiny OPT learns from captions and caption-paraphrase pairs: without the pairs it barely reads a
     # soft prompt, and stage 2 converges to one caption for every picture.
+    lm_steps = DEMO_LLM_STEPS if llm_steps is None else dict.fromkeys(DEMO_LLM_STEPS, llm_steps)
     models = prepare_tiny_models(root / "models", lines, seed=seed, bert_vocab=500, llm_vocab=500, llms=tuple(llms),
-                                 lm_steps=DEMO_LLM_STEPS if llm_steps is None else dict.fromkeys(DEMO_LLM_STEPS, llm_steps), lm_lines=paraphrase_corpus(num_lines, seed + 7),
-                                 lm_max_len=64)
+                                 lm_steps=lm_steps, lm_lines=paraphrase_corpus(num_lines, seed + 7), lm_max_len=64)
     images = prepare_image_assets(root, num_train_images, num_val_images, seed, vision_steps)
     if num_test_images:
         images.update(prepare_test_pictures(root, num_test_images, test_seed, num_train_images, num_val_images, seed))
