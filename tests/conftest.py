@@ -322,6 +322,15 @@ def fail_fast(module: str, args: list, monkeypatch, capsys, *, subprocess_run: b
     return code, capsys.readouterr().err
 
 
+def processes_using(*markers: str) -> list[str]:
+    """`pid args` of this machine's processes whose command line names any of `markers` (Ray process titles
+    name their actor, e.g. ray::RayTrainWorker; a Ray head's processes name its temp dir)."""
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in out if any(m in line for m in markers) and "ps -eo" not in line]
+
+
 def make_shards_cli(*args: str, timeout: int = 300):
     import subprocess
     import sys

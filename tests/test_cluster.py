@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, coco_subset, mlflow_store
+from conftest import ROOT, coco_subset, mlflow_store, processes_using
 
 STAGE0 = ROOT / "configs" / "tiny" / "stage0.yaml"
 RAY = str(Path(sys.executable).parent / "ray")
@@ -36,11 +36,6 @@ def stage0_overrides(tmp_path: Path, tiny_models: dict, mlflow_uri: str, name: s
             f"data.text={coco_subset()}", f"model.pformer={tiny_models['bert']}", f"model.llm={tiny_models['opt']}",
             "train.max_steps=6", "train.log_every_steps=3", "train.checkpoint_every_steps=6",
             "train.batch_size_per_worker=8", "train.warmup_steps=1"]
-
-
-def processes_using(marker: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in out if marker in line and "ps -eo" not in line]
 
 
 @pytest.fixture

@@ -14,9 +14,11 @@ import pytest
 from app.config import load_config
 from app.train.launcher import run_stage
 
-from conftest import COCO_SUBSET_LINES, ROOT, STAGE0_STEPS, STAGE0_WINDOW, coco_captions, fail_fast
+from conftest import (COCO_SUBSET_LINES, ROOT, STAGE0_STEPS, STAGE0_WINDOW, coco_captions, fail_fast,
+                      processes_using)
 
 STAGE0 = ROOT / "configs" / "tiny" / "stage0.yaml"
+TRAIN_PROCESSES = ("ray::TrainController", "ray::RayTrainWorker")  # Ray Train's process titles
 
 
 def write_corpus(path: Path, captions: list[str], bad_lines: list[bytes] = ()) -> Path:
@@ -132,12 +134,6 @@ def test_s3_corpus_and_checkpoints_match_local(ray_session, tmp_path, tiny_model
     assert not any("testing" == v for v in params.values())  # credentials never reach MLflow
 
 
-def train_processes() -> list[str]:
-    """Ray Train's controller and worker processes on this machine (their process titles name them)."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in out if "ray::TrainController" in line or "ray::RayTrainWorker" in line]
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(ray_session, tmp_path, tiny_models, mlflow_uri):
     corpus = write_corpus(tmp_path / "corpus.tsv", coco_captions(4000))  # 500 steps of 8: it is killed long before
@@ -148,7 +144,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, tmp_path, tiny
     # The first launch joins this test's Ray cluster as its own driver, like a job on a cluster.
     address = ray_session.get_runtime_context().gcs_address
     log = open(tmp_path / "first.log", "w")
-    before = set(train_processes())  # any left by earlier runs of the session are not this launch's
+    before = set(processes_using(*TRAIN_PROCESSES))  # left by earlier runs of the session: not this launch's
     proc = subprocess.Popen([sys.executable, "-m", "jobs.pretrain_pformer", "--config", str(STAGE0), *args],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "RAY_ADDRESS": address})
@@ -167,9 +163,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, tmp_path, tiny
     # Ray stops a dead driver's actors shortly after it goes: until its trainer is gone it may still finish a
     # checkpoint, which the relaunch would then rightly resume from. List the checkpoints once it is gone.
     deadline = time.monotonic() + 120
-    while set(train_processes()) - before and time.monotonic() < deadline:
+    while set(processes_using(*TRAIN_PROCESSES)) - before and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not set(train_processes()) - before, train_processes()
+    assert not set(processes_using(*TRAIN_PROCESSES)) - before, processes_using(*TRAIN_PROCESSES)
     saved = sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("checkpoint_*/manifest.json"))
     first_run = mlflow_client(mlflow_uri).search_runs(
         [mlflow_client(mlflow_uri).get_experiment_by_name("pformer").experiment_id])[0].info.run_id
