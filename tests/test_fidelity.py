@@ -69,6 +69,12 @@ def golden_values(name: str) -> dict[str, float]:
     return values
 
 
+# The gradient of the temperature is a float32 sum of terms near 10 that cancels to about 1e-3, so it moves
+# with the CPU's vector width and the thread count. Measured on the golden cases (1 or 2 threads x AVX2 or
+# AVX-512, against the recorded file): up to 1.5e-5 for grad_norm/temp; every other value within 4e-7.
+GOLDEN_ABS = {"grad_norm/temp": 3e-5}
+
+
 def test_golden_values_of_every_loss_term_and_gradient():
     computed = {name: golden_values(name) for name in CASES}
     if os.environ.get("PFORMER_WRITE_GOLDEN"):
@@ -79,7 +85,7 @@ def test_golden_values_of_every_loss_term_and_gradient():
     for name, values in computed.items():
         assert set(values) == set(expected[name]), name
         for key, value in values.items():
-            assert value == pytest.approx(expected[name][key], rel=1e-4, abs=1e-6), (name, key)
+            assert value == pytest.approx(expected[name][key], rel=1e-4, abs=GOLDEN_ABS.get(key, 1e-6)), (name, key)
     # Each option changes what it should and nothing else.
     base1, base2, base0 = computed["stage1"], computed["stage2_opt"], computed["stage0_opt"]
     assert "grad_norm/ln_vision" in base1 and "grad_norm/ln_vision" in base2
