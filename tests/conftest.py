@@ -103,11 +103,9 @@ def ray_session():
     """One local Ray instance for every Ray test (8 logical CPUs so Ray Data is not starved)."""
     import ray
 
-    from app.train.launcher import LOCAL_ENV_VARS
+    from app.train.launcher import start_local_ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {**LOCAL_ENV_VARS,
-                                      "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}})
+    start_local_ray(num_cpus=8)
     yield ray
     ray.shutdown()
 

@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 # per run, polling for node drains on clusters) has nothing to watch there, and costs each run about 2 s of
 # start-up on a small machine. Clusters keep it.
 LOCAL_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Without the dashboard, Ray Train's placement-group cleaner (a safety net for a controller that dies abruptly;
+# a run that ends removes its own group) cannot reach the state API and says so every second.
+CLEANER_WARNING = r"Failed to query Ray Train Controller actor state"
 
 
 def init_ray(cfg: Config) -> bool:
@@ -37,17 +40,29 @@ def init_ray(cfg: Config) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return False
-    ray.init(num_cpus=cfg.scaling.local_num_cpus, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": dict(LOCAL_ENV_VARS),
-                          "worker_process_setup_hook": "app.train.launcher.quiet_without_dashboard"})
+    start_local_ray(num_cpus=cfg.scaling.local_num_cpus)
     return True
 
 
-def quiet_without_dashboard() -> None:
-    """Worker setup for the local instance, which runs without the dashboard: Ray Train's placement-group
-    cleaner (a safety net for a controller that dies abruptly; a run that ends removes its own group)
-    asks the state API, served by the dashboard, every few seconds and warns on each failed query."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+def start_local_ray(num_cpus: int) -> None:
+    """A local instance whose processes inherit LOCAL_ENV_VARS from this one. Not through a runtime_env: a
+    job with one starts every worker process through Ray's environment set-up (a second interpreter), ~0.5 s
+    of CPU more per process, and a run starts about ten (`python bench/ray_workers.py`)."""
+    for key, value in LOCAL_ENV_VARS.items():
+        os.environ.setdefault(key, value)
+    skip_driver_lines(CLEANER_WARNING)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def skip_driver_lines(pattern: str) -> None:
+    """Drop worker log lines matching `pattern` from this driver's output: what Ray's documented
+    RAY_DEDUP_LOGS_SKIP_REGEX does, which Ray reads once, when it is first imported."""
+    import re
+
+    from ray._private import ray_logging
+
+    for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+        dedup.skip_re = re.compile("|".join(p for p in (dedup.skip_re and dedup.skip_re.pattern, pattern) if p))
 
 
 def data_config(cfg: Config, local: bool):
