@@ -21,7 +21,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 
 CHILD = r'''
 import os, sys, time
