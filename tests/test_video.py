@@ -329,12 +329,13 @@ def test_video_stages_learn_from_real_clips_on_s3(video_chain):
     for key in ("loss", "itg_loss", "align_loss"):
         curve = windows(uri, s1["mlflow_run_id"], key)
         assert len(curve) == 4 and curve[-1] < curve[0], (key, curve)
-    # ITC and ITM over 6 clips from a random tiny tower stay near chance in 40 steps (ln 6 ~ 1.79 with label
-    # smoothing, ln 2 ~ 0.69), where their windows wander by ~0.005 (ITM 0.640 -> 0.644 in one run); they must
-    # not rise above chance.
+    # ITC and ITM over 6 clips from a random tiny tower reach chance in 40 steps and stay there (ln 6 ~ 1.79
+    # with label smoothing, ln 2 ~ 0.69; ITC's first window can sit above it: 1.93 -> 1.79 in one run); near
+    # chance their windows wander by ~0.005 (ITM 0.640 -> 0.644 in another). They must end at or below chance
+    # and not get worse.
     for key, chance in (("itc_loss", 1.85), ("itm_loss", 0.70)):
         curve = windows(uri, s1["mlflow_run_id"], key)
-        assert max(curve) <= chance, (key, curve)
+        assert curve[-1] <= chance and curve[-1] <= curve[0] + 0.01, (key, curve)
     for key in ("loss", "align_loss"):
         curve = windows(uri, s2["mlflow_run_id"], key)
         assert len(curve) == 4 and curve[-1] < curve[0], (key, curve)
