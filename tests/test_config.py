@@ -119,3 +119,19 @@ def test_data_num_frames_is_read_as_model_num_frames_with_a_message(caplog, tmp_
     old.write_text("stage: qformer\ndata:\n  num_frames: 4\nmodel:\n  num_frames: 8\n")
     with pytest.raises(ConfigError, match=r"data.num_frames \(4\) and model.num_frames \(8\) disagree"):
         load_config(old)
+
+
+def test_a_local_driver_drops_only_the_cleaners_no_dashboard_warning():
+    """Ray Train's placement-group cleaner warns every second when the state API (the dashboard) is absent, as
+    it is in local instances; the driver's log deduplicator drops those lines and keeps every other."""
+    from ray._private import ray_logging
+
+    from app.train.launcher import CLEANER_WARNING, skip_driver_lines
+
+    skip_driver_lines(CLEANER_WARNING)
+    skip_driver_lines(CLEANER_WARNING)  # once is enough: a second call does not grow the pattern
+    assert ray_logging.stderr_deduplicator.skip_re.pattern.split("|").count(CLEANER_WARNING) == 1
+    lines = ["Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. "
+             "Continuing to monitor.", "[qformer] step 10/60 loss 4.1"]
+    batches = ray_logging.stderr_deduplicator.deduplicate({"ip": "127.0.0.1", "pid": 7, "lines": lines})
+    assert [line for batch in batches for line in batch["lines"]] == lines[1:]

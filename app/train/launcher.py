@@ -62,7 +62,10 @@ def skip_driver_lines(pattern: str) -> None:
     from ray._private import ray_logging
 
     for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
-        dedup.skip_re = re.compile("|".join(p for p in (dedup.skip_re and dedup.skip_re.pattern, pattern) if p))
+        if dedup.skip_re is None:
+            dedup.skip_re = re.compile(pattern)
+        elif pattern not in dedup.skip_re.pattern.split("|"):
+            dedup.skip_re = re.compile(f"{dedup.skip_re.pattern}|{pattern}")
 
 
 def data_config(cfg: Config, local: bool):
