@@ -88,9 +88,14 @@ def ray_cluster(tmp_path):
 
 
 def alive_nodes(address: str, env: dict) -> int:
+    """How many nodes the head's state API lists as alive; 0 while it cannot answer yet."""
     listed = subprocess.run([RAY, "list", "nodes", "--address", address, "--format", "json"], env=env,
                             capture_output=True, text=True)
-    return sum(n.get("state") == "ALIVE" for n in json.loads(listed.stdout)) if listed.returncode == 0 else 0
+    try:
+        nodes = json.loads(listed.stdout) if listed.returncode == 0 else []
+    except ValueError:  # the dashboard answers before its state API is ready
+        return 0
+    return sum(isinstance(n, dict) and n.get("state") == "ALIVE" for n in nodes) if isinstance(nodes, list) else 0
 
 
 def wait_until(condition, nodes: list[subprocess.Popen], log: Path, timeout: float = 180) -> None:
