@@ -46,7 +46,7 @@ def init_ray(cfg: Config) -> bool:
 
 def start_local_ray(num_cpus: int) -> None:
     """A local instance whose processes inherit LOCAL_ENV_VARS from this one. Not through a runtime_env: a
-    job with one starts every worker process through Ray's environment set-up (a second interpreter), ~0.5 s
+    job with one starts every worker process through Ray's environment set-up (a second interpreter), ~0.4 s
     of CPU more per process, and a run starts about ten (`python bench/ray_workers.py`)."""
     for key, value in LOCAL_ENV_VARS.items():
         os.environ.setdefault(key, value)
