@@ -38,8 +38,9 @@ def stage0_overrides(tmp_path: Path, tiny_models: dict, mlflow_uri: str, name: s
 
 
 def start_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args],
-                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    with log.open("w") as out:  # the child keeps its own descriptor
+        return subprocess.Popen([RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+                                 *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop_node(node: subprocess.Popen) -> None:
