@@ -130,6 +130,11 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
         client(tracking_uri).log_batch(run_id, metrics=batch)
 
 
+def last_step(tracking_uri: str, run_id: str, key: str) -> int:
+    """The highest step logged for metric `key` in the run (-1 when it has none)."""
+    return max((m.step for m in client(tracking_uri).get_metric_history(run_id, key)), default=-1)
+
+
 def set_tags(tracking_uri: str, run_id: str, tags: dict[str, Any]) -> None:
     from mlflow.entities import RunTag
 

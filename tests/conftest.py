@@ -219,8 +219,8 @@ def write_pformer_checkpoint(directory: Path, tiny_models: dict[str, str], kind:
     model = stage.build_model(cfg)
     optimizer = build_optimizer(model.trainable_parameters(), cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     save_checkpoint(directory, model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.train),
-                    scaler=None, state=TrainerState(step=1), config_yaml=cfg.to_yaml(), manifest=stage.manifest(cfg))
-    stage.save_extras(model, directory, cfg)
+                    scaler=None, state=TrainerState(step=1), config_yaml=cfg.to_yaml(), manifest=stage.manifest(cfg),
+                    extras=lambda d: stage.save_extras(model, d, cfg))
     return str(directory)
 
 

@@ -134,29 +134,59 @@ def test_s3_corpus_and_checkpoints_match_local(ray_session, tmp_path, tiny_model
     assert not any("testing" == v for v in params.values())  # credentials never reach MLflow
 
 
+def saved_steps(run_dir: Path) -> list[int]:
+    """Steps of the run's complete checkpoints (checkpoint_<step>[_<k>] whose files match their manifest)."""
+    from app.train.checkpoint import storage_problem
+
+    return sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("checkpoint_*/manifest.json")
+                  if storage_problem(str(p.parent)) is None)
+
+
+def wait_for(condition, proc: subprocess.Popen, log: Path, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the launch ended before {what}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_from_its_last_checkpoint(ray_session, tmp_path, tiny_models, mlflow_uri):
+def test_killed_worker_and_driver_resume_from_complete_checkpoints_with_one_history(ray_session, tmp_path,
+                                                                                   tiny_models, mlflow_uri, capfd):
+    """A Ray Train worker SIGKILLed mid-run (train.max_failures=1): the run goes on from its newest complete
+    checkpoint in the same launch. Then the driver is killed and the newest checkpoint damaged: the relaunch
+    resumes from the newest complete one before it. One MLflow run, each step in its history once."""
     corpus = write_corpus(tmp_path / "corpus.tsv", coco_captions(4000))  # 500 steps of 8: it is killed long before
+    every = 10
     args = overrides(tmp_path, tiny_models, mlflow_uri, **{
         "data.text": corpus, "run.name": "killed", "train.max_steps": 100_000, "train.batch_size_per_worker": 8,
-        "train.log_every_steps": 5, "train.checkpoint_every_steps": 10})
+        "train.log_every_steps": 5, "train.checkpoint_every_steps": every, "train.max_failures": 1})
     run_dir = tmp_path / "ckpt" / "killed"
     # The first launch joins this test's Ray cluster as its own driver, like a job on a cluster.
     address = ray_session.get_runtime_context().gcs_address
-    log = open(tmp_path / "first.log", "w")
+    log_path = tmp_path / "first.log"
+    log = open(log_path, "w")
     before = set(processes_using(*TRAIN_PROCESSES))  # left by earlier runs of the session: not this launch's
     proc = subprocess.Popen([sys.executable, "-m", "jobs.pretrain_pformer", "--config", str(STAGE0), *args],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "RAY_ADDRESS": address})
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            done = sorted(run_dir.glob("checkpoint_*/manifest.json")) if run_dir.exists() else []
-            if len(done) >= 2:
-                break
-            time.sleep(1)
-        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert len(done) >= 2, "no checkpoint appeared"
+        wait_for(lambda: len(saved_steps(run_dir)) >= 2, proc, log_path, "two checkpoints")
+        workers = sorted(set(processes_using("ray::RayTrainWorker")) - before)
+        assert len(workers) == 1, workers
+        newest_at_kill = saved_steps(run_dir)[-1]
+        os.kill(int(workers[0].split()[0]), signal.SIGKILL)
+        wait_for(lambda: "resuming from step" in log_path.read_text(), proc, log_path, "restart after the kill")
+        text = log_path.read_text()
+        resumed_at = int(text.split("resuming from step ", 1)[1].split()[0])
+        trained_before = max(int(line.split(" step ", 1)[1].split("/")[0]) for line in
+                             text.split("resuming from step", 1)[0].splitlines() if "] step " in line and "/" in line)
+        # From the newest complete checkpoint (one written in the instant before the kill included): at most
+        # one checkpoint interval of steps is trained again.
+        assert newest_at_kill <= resumed_at <= newest_at_kill + every, text[-3000:]
+        assert trained_before - resumed_at <= every, text[-3000:]
+        wait_for(lambda: saved_steps(run_dir)[-1] >= resumed_at + 2 * every, proc, log_path,
+                 "checkpoints after the restart")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -166,21 +196,29 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, tmp_path, tiny
     while set(processes_using(*TRAIN_PROCESSES)) - before and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not set(processes_using(*TRAIN_PROCESSES)) - before, processes_using(*TRAIN_PROCESSES)
-    saved = sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("checkpoint_*/manifest.json"))
-    first_run = mlflow_client(mlflow_uri).search_runs(
-        [mlflow_client(mlflow_uri).get_experiment_by_name("pformer").experiment_id])[0].info.run_id
+    saved = saved_steps(run_dir)
+    client = mlflow_client(mlflow_uri)
+    first_run = client.search_runs([client.get_experiment_by_name("pformer").experiment_id])[0].info.run_id
+    weights = run_dir / f"checkpoint_{saved[-1]:08d}" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # damaged on storage after it was written
 
-    resumed = run_stage(load_config(STAGE0, args[:-3] + [
-        "train.max_steps=" + str(saved[-1] + 10), "train.log_every_steps=5", "train.checkpoint_every_steps=10"]))
-    assert resumed["resumed_from_step"] in saved and resumed["resumed_from_step"] >= 10
-    assert resumed["step"] == saved[-1] + 10
+    capfd.readouterr()
+    relaunch = args + [f"train.max_steps={saved[-1] + every}"]
+    resumed = run_stage(load_config(STAGE0, relaunch))
+    out = "".join(capfd.readouterr())
+    assert f"not resuming from checkpoint_{saved[-1]:08d}: " in out and "model.safetensors has 100 bytes" in out
+    assert resumed["resumed_from_step"] == saved[-2]
+    assert resumed["step"] == saved[-1] + every
     assert resumed["mlflow_run_id"] == first_run  # the same MLflow run continues
-    steps = history_steps(mlflow_client(mlflow_uri), first_run, "lm_loss")
-    assert min(steps) <= resumed["resumed_from_step"] < max(steps) == resumed["step"]
+    # The damaged checkpoint's name is left alone (Ray Train still lists it); its step is written beside it.
+    assert (run_dir / f"checkpoint_{saved[-1]:08d}_1" / "manifest.json").is_file()
+    for key in ("lm_loss", "loss", "lr"):  # the replayed steps are not logged twice
+        steps = history_steps(client, first_run, key)
+        assert len(steps) == len(set(steps)), (key, steps)
+        assert steps == list(range(5, resumed["step"] + 1, 5)), (key, steps)
 
     # Launching a finished run again trains nothing and hands back the same checkpoint.
-    again = run_stage(load_config(STAGE0, args[:-3] + [
-        "train.max_steps=" + str(saved[-1] + 10), "train.log_every_steps=5", "train.checkpoint_every_steps=10"]))
+    again = run_stage(load_config(STAGE0, relaunch))
     assert again["step"] == again["resumed_from_step"] == resumed["step"]
     assert again["checkpoint"] == resumed["checkpoint"] and again["data"] == {}
 

@@ -78,12 +78,13 @@ class TrainedBLIP2(nn.Module):
                         device: Optional[torch.device | str] = None) -> "TrainedBLIP2":
         from transformers import AutoTokenizer
 
-        from app.train.checkpoint import MANIFEST_FILE, WEIGHTS_FILE
+        from app.train.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, verify_checkpoint
 
         allowed = ("llm",) if need_llm else ("qformer", "llm")
         purpose = "generating text" if need_llm else "retrieval"
         uri, manifest = find_checkpoint(uri, allowed, s3, purpose=purpose)
         directory = Path(storage.local_model(uri, s3, only=(WEIGHTS_FILE, MANIFEST_FILE, CONFIG_FILE, "qformer")))
+        verify_checkpoint(directory, only=(WEIGHTS_FILE, CONFIG_FILE, "qformer"))
         cfg = load_config(directory / CONFIG_FILE)
         device = torch.device(device) if device is not None else default_device()
         use_gpu = device.type == "cuda"

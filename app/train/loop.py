@@ -31,7 +31,8 @@ from app.data.feature_cache import BF16_SUFFIX, decode_cached
 from app.data.stats import DataError, read_counts, read_examples, skipped_problem
 from app.stages import get_stage
 from app.train import dist
-from app.train.checkpoint import TrainerState, load_trainable, load_training_state, save_checkpoint
+from app.train.checkpoint import (IncompleteCheckpoint, TrainerState, checkpoint_folders, checkpoint_name,
+                                  load_trainable, load_training_state, save_checkpoint, verify_checkpoint)
 from app.train.optim import build_optimizer, build_scheduler, set_epoch
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,54 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
                for k, v in moved.items() if not k.endswith(BF16_SUFFIX)}, **cached}
 
 
+def _restore_complete(checkpoint: ray.train.Checkpoint, restore, cfg: Config, s3: storage.S3Options,
+                      rank: int) -> tuple[TrainerState, set[str]]:
+    """Restore the run folder's newest complete checkpoint: Ray Train's latest, or one written after it that
+    a failure kept Ray from registering (fewer steps lost), or, when the latest is incomplete or damaged,
+    the newest complete one before it. Says which it passed over and why; returns the names of those newer
+    than the one restored (never written to again)."""
+    latest = Path(checkpoint.path).name
+    run_uri = storage.join(cfg.run.storage_path, cfg.run.name)
+    try:
+        folders = checkpoint_folders(run_uri, s3)
+    except OSError as err:
+        logger.warning("cannot list %s (%s): resuming from Ray Train's latest checkpoint, %s", run_uri, err, latest)
+        folders = []
+    if latest not in {name for name, _ in folders}:
+        folders.append((latest, None))
+    passed_over: dict[str, str] = {}
+    for name, problem in folders:
+        if problem is None:
+            fs, path = storage.resolve(storage.join(run_uri, name), s3)
+            candidate = checkpoint if name == latest else ray.train.Checkpoint(path=path, filesystem=fs)
+            try:
+                state = restore(candidate)
+            except IncompleteCheckpoint as err:  # the sizes matched, a digest did not
+                problem = str(err)
+        if problem is not None:
+            passed_over[name] = problem
+            continue
+        if rank == 0:
+            for bad, why in passed_over.items():
+                progress(f"[{cfg.stage}] not resuming from {bad}: {why}")
+            if name > latest:
+                progress(f"[{cfg.stage}] resuming from {name}, written after Ray Train's last registered checkpoint "
+                         f"({latest})")
+        return state, set(passed_over)
+    raise IncompleteCheckpoint(f"{run_uri} holds no complete checkpoint to resume from ({latest}: "
+                               f"{passed_over.get(latest)}); start the run afresh under another run.name, or "
+                               f"remove {run_uri}")
+
+
+def _logged_through(cfg: Config, run_id: str) -> int:
+    """The last step the run's MLflow history holds (-1 when none, or when MLflow cannot say)."""
+    try:
+        return tracking.last_step(cfg.mlflow.tracking_uri, run_id, "loss")
+    except Exception as err:  # tracking trouble must not stop a resume
+        logger.warning("could not read the MLflow history of run %s: %s", run_id, err)
+        return -1
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = Config.model_validate(loop_config["config"])
     run_id: str = loop_config["mlflow_run_id"]
@@ -118,16 +167,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model.trainable_parameters(), cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
     scheduler = build_scheduler(optimizer, cfg.train)
     scaler = torch.amp.GradScaler("cuda") if use_cuda and cfg.train.precision == "fp16" else None
+    def restore(candidate: ray.train.Checkpoint) -> TrainerState:
+        with candidate.as_directory() as directory:
+            verify_checkpoint(directory)  # before anything is loaded from it
+            load_trainable(model, directory)
+            return load_training_state(directory, optimizer, scheduler, scaler)
+
     state = TrainerState()
     checkpoint = ray.train.get_checkpoint()
+    skipped: set[str] = set()  # incomplete checkpoints newer than the one restored: never written to again
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            load_trainable(model, directory)
-            state = load_training_state(directory, optimizer, scheduler, scaler)
+        state, skipped = _restore_complete(checkpoint, restore, cfg, s3, rank)
         if rank == 0:
             progress(f"[{cfg.stage}] resuming from step {state.step} (epoch {state.epoch}, "
                      f"batch {state.batches_in_epoch})")
     resumed_from = state.step
+    # Steps after the checkpoint that a failed attempt had already logged are trained again; MLflow keeps the
+    # first values, so the run's history has each step once.
+    logged_through = _logged_through(cfg, run_id) if checkpoint is not None and rank == 0 else -1
+    if logged_through > resumed_from:
+        progress(f"[{cfg.stage}] MLflow holds steps through {logged_through}: steps {resumed_from + 1}-"
+                 f"{logged_through} are trained again and not logged twice")
     for name in model.trainable_names:
         setattr(model, name, ray.train.torch.prepare_model(getattr(model, name), move_to_device=False))
     model.train()
@@ -175,13 +235,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0 and counter is not None and stage.limit_skipped:
             check_data()
         last_metrics = dict(metrics)
-        dir_name = f"checkpoint_{state.step:08d}"
+        dir_name = checkpoint_name(state.step, skipped)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if save and rank == 0:
                 save_checkpoint(tmp, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                state=state, config_yaml=config_yaml, manifest=stage.manifest(cfg))
-                stage.save_extras(model, Path(tmp), cfg, s3)
+                                state=state, config_yaml=config_yaml, manifest=stage.manifest(cfg),
+                                extras=lambda directory: stage.save_extras(model, directory, cfg, s3))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "resumed_from_step": resumed_from}, checkpoint=ckpt,
                              checkpoint_dir_name=dir_name if save else None)
@@ -190,9 +250,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             losses = " ".join(f"{k}={metrics[k]:.4f}" for k in stage.loss_keys if k in metrics)
             losses += "".join(f" val_{k}={metrics[f'val_{k}']:.4f}" for k in stage.loss_keys if f"val_{k}" in metrics)
+            replayed = state.step <= logged_through
             progress(f"[{cfg.stage}] step {state.step}/{cfg.train.max_steps} {losses} lr={metrics['lr']:.2e} "
                      f"samples/s={metrics.get('samples_per_s', 0.0):.1f} "
-                     f"tokens/s={metrics.get('tokens_per_s', 0.0):.0f}")
+                     f"tokens/s={metrics.get('tokens_per_s', 0.0):.0f}{' (trained again)' if replayed else ''}")
+            if replayed:
+                return
             try:
                 counts = {f"data_{k}": v for k, v in read_counts(counter).items()}
                 tracking.log_metrics(cfg.mlflow.tracking_uri, run_id, {**metrics, **counts}, step=state.step)
