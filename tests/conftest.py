@@ -42,10 +42,35 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PFORMER_SHARED_DATA", ROOT.parent / "shared" / "data"))
 COCO_TSV = SHARED_DATA / "text" / "coco_val2014_captions.tsv"
 
-# Fake credentials for the moto endpoint; set before Ray starts so its workers inherit them.
-os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+# Fake credentials for the moto endpoint, set before Ray starts so its workers inherit them (and so that no
+# test can reach a real account). Each is a marker: found anywhere a run writes, it is a leak
+# (test_evaluation's credential check).
+CREDENTIAL_MARKERS = {"AWS_ACCESS_KEY_ID": "AKIAMARKERKEY7Q2XW9", "AWS_SECRET_ACCESS_KEY": "marker-secret-4f1d9c7e2b",
+                      "AWS_SESSION_TOKEN": "marker-session-token-8e3a6b"}
+os.environ.update(CREDENTIAL_MARKERS)
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+def credential_leaks(*, folders=(), texts: dict[str, str] | None = None, s3_endpoint: str | None = None) -> list[str]:
+    """Where a credential marker appears: files under `folders`, the named `texts`, every object of every
+    bucket at `s3_endpoint`."""
+    markers = [m.encode() for m in CREDENTIAL_MARKERS.values()]
+    found = [f"{name}: {m.decode()}" for name, text in (texts or {}).items() for m in markers if m in text.encode()]
+    for folder in folders:
+        for path in Path(folder).rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                found += [f"{path}: {m.decode()}" for m in markers if m in data]
+    if s3_endpoint:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+        for bucket in s3.list_buckets()["Buckets"]:
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket["Name"]):
+                for obj in page.get("Contents", []):
+                    data = s3.get_object(Bucket=bucket["Name"], Key=obj["Key"])["Body"].read()
+                    found += [f"s3://{bucket['Name']}/{obj['Key']}: {m.decode()}" for m in markers if m in data]
+    return found
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Ray Train's controller polls its workers every 2 s by default: each test run would wait up to that long at

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from app.evaluation.retrieval import recall_at_k
 from app.evaluation.vqa import normalize_answer, score_vqa, vqa_accuracy
 
-from conftest import FLICKR, ROOT
+from conftest import FLICKR, ROOT, credential_leaks
 
 # ---------------------------------------------------------------------------------------------
 # VQA scoring: the official normalisation, rule by rule, and the 10 leave-one-out subsets
@@ -276,7 +277,7 @@ def test_caption_command_on_a_folder_writes_jsonl(ray_session, chains, tmp_path,
 
 
 @pytest.mark.parametrize("kind", ["opt", "t5"])
-def test_export_round_trip_generates_the_same_ids(chains, kind, tmp_path):
+def test_export_round_trip_generates_the_same_ids(chains, kind, tmp_path, capfd):
     import torch
     from PIL import Image
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
@@ -331,6 +332,15 @@ def test_export_round_trip_generates_the_same_ids(chains, kind, tmp_path):
     defaults = hf.language_model.generation_config
     assert list(np.atleast_1d(defaults.eos_token_id)) == ours.stop_token_ids()
     assert (defaults.max_new_tokens, defaults.min_new_tokens) == (30, 8)
+
+    if kind == "t5":  # stages 1-2 on S3 and the export, with marker credentials in every process's environment
+        import ray
+
+        mlflow_db = Path(chain["mlflow_uri"].removeprefix("sqlite:///"))
+        session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+        leaks = credential_leaks(folders=[mlflow_db.parent, tmp_path, session / "logs"],
+                                 texts={"output": "".join(capfd.readouterr())}, s3_endpoint=chain["s3_endpoint"])
+        assert not leaks, leaks[:10]
 
 
 def test_export_refuses_a_stage1_checkpoint(chains, tmp_path):

@@ -14,8 +14,8 @@ import pytest
 from app.config import load_config
 from app.train.launcher import run_stage
 
-from conftest import (COCO_SUBSET_LINES, ROOT, STAGE0_STEPS, STAGE0_WINDOW, coco_captions, fail_fast,
-                      processes_using)
+from conftest import (COCO_SUBSET_LINES, ROOT, STAGE0_STEPS, STAGE0_WINDOW, coco_captions, credential_leaks,
+                      fail_fast, processes_using)
 
 STAGE0 = ROOT / "configs" / "tiny" / "stage0.yaml"
 TRAIN_PROCESSES = ("ray::TrainController", "ray::RayTrainWorker")  # Ray Train's process titles
@@ -131,7 +131,7 @@ def test_s3_corpus_and_checkpoints_match_local(ray_session, tmp_path, tiny_model
     assert f"ckpt/remote/checkpoint_{remote['step']:08d}/manifest.json" in keys
     params = mlflow_client(mlflow_uri).get_run(remote["mlflow_run_id"]).data.params
     assert params["storage.s3_endpoint"] == s3_endpoint
-    assert not any("testing" == v for v in params.values())  # credentials never reach MLflow
+    assert not credential_leaks(texts={k: str(v) for k, v in params.items()})  # credentials never reach MLflow
 
 
 def saved_steps(run_dir: Path) -> list[int]:
