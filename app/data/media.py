@@ -5,7 +5,7 @@ bytes + extension -> uint8 pixels, or a `SkipSample` naming why the sample is un
 `app.data.video`, images repeated as one-frame clips; None: an image model, which skips clips), and the
 train-time augmentation (random resized crop with area in [min_scale, 1], horizontal flip) or the eval
 transform (resize). Skip reasons, one vocabulary everywhere: `empty_file`, `corrupt_image`,
-`video_in_image_run`, and the clip reasons of `app.data.video` (`corrupt_video`, `truncated_video`,
+`image_too_large` (over PIL's decompression-bomb limit), `video_in_image_run`, and the clip reasons of `app.data.video` (`corrupt_video`, `truncated_video`,
 `no_video_stream`).
 """
 
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+from PIL import Image
 
-from app.data.transforms import IMAGE_EXTENSIONS, decode_image, transform_image
+from app.data.transforms import IMAGE_EXTENSIONS, ImageTooLarge, decode_image, transform_image
 from app.data.video import VIDEO_EXTENSIONS, VideoDecodeError, clip_pixels, is_video
 
 MEDIA_EXTENSIONS = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
@@ -62,6 +63,8 @@ def decode_sample(data: Optional[bytes], ext: str, spec: MediaSpec,
         return transform_image(img, spec.size, spec.train, rng, spec.min_scale, spec.flip), converted
     except VideoDecodeError as err:
         raise SkipSample(err.reason, f" ({err})") from None
+    except (ImageTooLarge, Image.DecompressionBombError) as err:
+        raise SkipSample("image_too_large", f" ({err})") from None
     except SkipSample:
         raise
     except Exception as err:  # PIL raises many types for corrupt data (OSError, SyntaxError, ValueError...)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -42,23 +43,25 @@ def _log_skip(shard: str, key: str, reason: str) -> None:
         logger.warning("skipped sample %r of %s: %s%s", key, shard, reason, more)
 
 
-def preprocess_image_batch(batch: pa.Table, *, media: MediaSpec, captions: CaptionSpec, seed: int = 0, counter=None,
-                           count_prefix: str = "", s3: Optional[storage.S3Options] = None, keep_text: bool = False,
-                           cached: Optional[dict] = None, image_ids: bool = False) -> dict[str, np.ndarray]:
-    """Raw sample rows -> `pixels` uint8 (N, S, S, 3), or (N, T, S, S, 3) with media.num_frames T, + caption
-    tokens. Bad samples are counted, not raised.
+@dataclass
+class DecodedRows:
+    """The usable rows of a batch (pixels, normalised caption, the row, its cached P-Former output) and
+    the counts: rows_read, skipped_<reason>, converted_<mode>, with a few (shard, key, reason) examples."""
 
-    keep_text: also return `key`, `shard` and the chosen `caption` (evaluation, inspection).
-    image_ids: also return `image_id` (int64), equal for the samples of one image (see `image_id_number`).
-    cached: rows of a prompt cache (kind prompts): {column, dtype, shape} of the P-Former outputs kept per
-    caption; the chosen caption's output leaves as `pformer_sentence` / `pformer_prompts`.
-    """
-    rows = batch.to_pylist()
-    counts: Counter = Counter(rows_read=len(rows))
-    examples: list[dict[str, str]] = []
-    rng = (np.random.default_rng() if media.train else
-           np.random.default_rng([seed, zlib.crc32("".join(r["key"] or "" for r in rows).encode())]))
-    kept_pixels, kept_texts, kept_rows, kept_vectors = [], [], [], []
+    pixels: list = field(default_factory=list)
+    texts: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+    vectors: list = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+    examples: list = field(default_factory=list)
+
+
+def decode_rows(rows: list[dict], *, media: MediaSpec, captions: CaptionSpec, rng: np.random.Generator,
+                count_prefix: str = "", cached: Optional[dict] = None) -> DecodedRows:
+    """Decode each raw row's media and normalise its caption; an unusable row is counted by reason and
+    dropped, never raised."""
+    out = DecodedRows(counts=Counter(rows_read=len(rows)))
+    counts, examples = out.counts, out.examples
 
     def skip(row: dict, reason: str, detail: str = "") -> None:
         counts[f"skipped_{reason}"] += 1
@@ -85,11 +88,31 @@ def preprocess_image_batch(batch: pa.Table, *, media: MediaSpec, captions: Capti
             continue
         if converted is not None:
             counts[f"converted_{converted.lower().replace(';', '_')}"] += 1
-        kept_pixels.append(pixels)
-        kept_texts.append(text)
-        kept_rows.append(row)
+        out.pixels.append(pixels)
+        out.texts.append(text)
+        out.rows.append(row)
         if cached:
-            kept_vectors.append(row[cached["column"]][choice])
+            out.vectors.append(row[cached["column"]][choice])
+    return out
+
+
+def preprocess_image_batch(batch: pa.Table, *, media: MediaSpec, captions: CaptionSpec, seed: int = 0, counter=None,
+                           count_prefix: str = "", s3: Optional[storage.S3Options] = None, keep_text: bool = False,
+                           cached: Optional[dict] = None, image_ids: bool = False) -> dict[str, np.ndarray]:
+    """Raw sample rows -> `pixels` uint8 (N, S, S, 3), or (N, T, S, S, 3) with media.num_frames T, + caption
+    tokens. Bad samples are counted, not raised.
+
+    keep_text: also return `key`, `shard` and the chosen `caption` (evaluation, inspection).
+    image_ids: also return `image_id` (int64), equal for the samples of one image (see `image_id_number`).
+    cached: rows of a prompt cache (kind prompts): {column, dtype, shape} of the P-Former outputs kept per
+    caption; the chosen caption's output leaves as `pformer_sentence` / `pformer_prompts`.
+    """
+    rows = batch.to_pylist()
+    rng = (np.random.default_rng() if media.train else
+           np.random.default_rng([seed, zlib.crc32("".join(r["key"] or "" for r in rows).encode())]))
+    kept = decode_rows(rows, media=media, captions=captions, rng=rng, count_prefix=count_prefix, cached=cached)
+    counts, examples = kept.counts, kept.examples
+    kept_pixels, kept_texts, kept_rows, kept_vectors = kept.pixels, kept.texts, kept.rows, kept.vectors
     counts["rows_kept"] = len(kept_texts)
     if count_prefix:
         counts = Counter({count_prefix + k: v for k, v in counts.items()})

@@ -207,9 +207,15 @@ def read_corpus(uri: str, *, fmt: str = "auto", column: str = "caption", s3: sto
 # cleaning and tokenisation
 
 
+# C0 control characters other than whitespace, and DEL: never part of a caption (a NUL from a broken
+# export would otherwise reach the byte-level LLM tokenizer as a token of its own).
+_CONTROL = {code: None for code in (*range(0, 9), 11, 12, *range(14, 32), 127)}
+
+
 def clean_text(text: str, max_chars: int) -> str:
-    """Collapse whitespace (tabs, newlines, runs of spaces), strip, cut to max_chars at a word edge."""
-    text = " ".join(text.split())
+    """Drop control characters, collapse whitespace (tabs, newlines, runs of spaces), strip, cut to
+    max_chars at a word edge."""
+    text = " ".join(text.translate(_CONTROL).split())
     if len(text) > max_chars:
         cut = text[:max_chars]
         text = cut.rsplit(" ", 1)[0] if " " in cut else cut

@@ -1,7 +1,11 @@
 """Images: decode to RGB and transform (train: random resized crop + flip; eval: resize), as uint8 HWC.
 
 Grayscale, CMYK, palette and alpha images become RGB (alpha is composited on white); high bit depth
-grayscale is scaled to 8 bits. The vision encoder normalises the uint8 pixels on the device.
+grayscale is scaled to 8 bits; an EXIF orientation tag is applied (the picture as viewers show it and
+captions describe it; the reference's `Image.open(...).convert("RGB")` ignores the tag, which no image of
+COCO or Flickr8k carries). An image of more than PIL's `Image.MAX_IMAGE_PIXELS` (89M) pixels after JPEG
+draft scaling is refused before it is decoded (`ImageTooLarge`). The animated formats give their first
+frame. The vision encoder normalises the uint8 pixels on the device.
 """
 
 from __future__ import annotations
@@ -11,19 +15,30 @@ import math
 from typing import Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+ORIENTATION_TAG = 0x0112
+
+
+class ImageTooLarge(ValueError):
+    """More pixels than PIL's decompression-bomb limit: refused before decoding."""
 
 
 def decode_image(data: bytes, draft_size: Optional[int] = None) -> tuple[Image.Image, Optional[str]]:
     """Decode to RGB; returns (image, original mode if it was converted). Raises on corrupt or
-    truncated data. `draft_size`: let the JPEG decoder scale down by powers of two while keeping
-    both sides >= draft_size (much faster for large photos, same result after resizing)."""
-    img = Image.open(io.BytesIO(data))
+    truncated data, ImageTooLarge (or PIL's DecompressionBombError) for images too large to decode.
+    `draft_size`: let the JPEG decoder scale down by powers of two while keeping both sides >= draft_size
+    (much faster for large photos, same result after resizing)."""
+    img = Image.open(io.BytesIO(data))  # reads the header only; refuses sizes over twice the limit
     if draft_size and img.format == "JPEG":
         img.draft(None, (draft_size, draft_size))
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        raise ImageTooLarge(f"{img.width}x{img.height} pixels, more than PIL's limit of {limit}")
     img.load()
+    if img.getexif().get(ORIENTATION_TAG, 1) != 1:
+        img = ImageOps.exif_transpose(img)
     mode = img.mode
     if mode == "RGB":
         return img, None
