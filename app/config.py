@@ -1,9 +1,8 @@
 """Typed run configuration: defaults, YAML loading, dotted overrides and validation.
 
-Defaults are the paper's real run (P-Former stage 0 with bert-base-uncased and OPT-2.7B on 8 GPUs);
-YAML files hold only deviations. Every problem (unknown key, wrong type, impossible value, missing
-path) raises `ConfigError` with a message that names the key, before any Ray resource is used.
-"""
+Defaults are the paper's real run (P-Former stage 0 with bert-base-uncased and OPT-2.7B on 8 GPUs); YAML files
+hold only deviations. Every problem (unknown key, wrong type, impossible value, missing path) raises
+`ConfigError` with a message that names the key, before any Ray resource is used."""
 
 from __future__ import annotations
 
@@ -47,6 +46,7 @@ class MlflowSection(_Section):
     tracking_uri: str = Field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db",
                               min_length=1, description="Default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here.")
     experiment: str = Field("pformer", min_length=1)
+    outage_wait_s: float = Field(300, ge=0, description="End of training: seconds to retry held reports (tracking outage).")
 
 
 class ScalingSection(_Section):

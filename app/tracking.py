@@ -1,12 +1,14 @@
 """MLflow tracking: one run per stage launch, params = flattened resolved config, per-step metrics.
 
 The driver creates (or, when a run name is resumed, reopens) the MLflow run; only rank 0 of the
-trainer logs metrics to it. Nothing here touches global MLflow state or runs at import time.
+trainer logs metrics to it, through `HeldMetrics` (reports outlive a tracking-server outage). Nothing here
+touches global MLflow state or runs at import time.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -128,6 +130,78 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
     if batch:
         client(tracking_uri).log_batch(run_id, metrics=batch)
+
+
+class HeldMetrics:
+    """A training run's metric writer that outlives tracking-server outages. Each report (metrics and tags
+    of one step) goes to MLflow at once when it answers; when it does not, the report is held and sent,
+    oldest first, with the next one that gets through. The outage is said once when it starts and once when
+    it ends; `close` retries what is still held for `wait_s` and then names the steps that are missing.
+
+    MLflow's own retries (7, backoff factor 2: minutes per call against a server that is down) would stall
+    training at every report; this process's calls retry twice, briefly, and hold the report instead."""
+
+    BATCH_METRICS = 900  # MLflow accepts up to 1000 metrics per log_batch call
+
+    def __init__(self, tracking_uri: str, run_id: str, say, max_held: int = 100_000):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        self.tracking_uri, self.run_id, self.say, self.max_held = tracking_uri, run_id, say, max_held
+        self.held: list[tuple[int, dict[str, float], dict[str, str]]] = []
+        self.down_since: Optional[int] = None
+        self.dropped: list[int] = []
+
+    def log(self, step: int, metrics: dict[str, Any], tags: Optional[dict[str, Any]] = None) -> bool:
+        """Send this report and any held before it; False when MLflow did not answer (the report is held)."""
+        self.held.append((step, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                          {k: str(v) for k, v in (tags or {}).items()}))
+        if len(self.held) > self.max_held:
+            self.dropped.append(self.held.pop(0)[0])
+        return self.flush()
+
+    def flush(self) -> bool:
+        import time
+
+        from mlflow.entities import Metric, RunTag
+
+        sent = 0
+        try:
+            while self.held:
+                metrics, tags, count = [], {}, 0
+                for step, values, step_tags in self.held:
+                    if metrics and len(metrics) + len(values) > self.BATCH_METRICS:
+                        break
+                    now = int(time.time() * 1000)
+                    metrics += [Metric(k, v, now, step) for k, v in values.items()]
+                    tags.update(step_tags)
+                    count += 1
+                client(self.tracking_uri).log_batch(self.run_id, metrics=metrics,
+                                                    tags=[RunTag(k, v) for k, v in tags.items()])
+                del self.held[:count]
+                sent += count
+        except Exception as err:  # any failure to reach the server: hold, never stop training
+            if self.down_since is None:
+                self.down_since = self.held[0][0]
+                self.say(f"MLflow at {self.tracking_uri} does not answer at step {self.held[-1][0]} "
+                         f"({type(err).__name__}); reports are held and sent when it does")
+            return False
+        if self.down_since is not None:
+            self.say(f"MLflow answers again: sent {sent} report(s) held since step {self.down_since}")
+            self.down_since = None
+        return True
+
+    def close(self, wait_s: float) -> None:
+        """Send what is held, retrying for up to `wait_s`; then say which steps did not reach MLflow."""
+        import time
+
+        deadline = time.monotonic() + wait_s
+        while not self.flush() and time.monotonic() < deadline:
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        missing = self.dropped + [step for step, _, _ in self.held]
+        if missing:
+            self.say(f"MLflow did not take the reports of {len(missing)} step(s) ({missing[0]}-{missing[-1]}): "
+                     f"they are missing from run {self.run_id}'s history")
 
 
 def last_step(tracking_uri: str, run_id: str, key: str) -> int:

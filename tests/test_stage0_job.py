@@ -223,6 +223,80 @@ def test_killed_worker_and_driver_resume_from_complete_checkpoints_with_one_hist
     assert again["checkpoint"] == resumed["checkpoint"] and again["data"] == {}
 
 
+def start_mlflow_server(store: Path, port: int, log: Path) -> subprocess.Popen:
+    """A real tracking server (`mlflow server`, one worker, no job runner) on 127.0.0.1:`port`, answering."""
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            cwd=store.parent, stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_tracking_server_outage_holds_the_reports_and_sends_them_when_it_returns(ray_session, tmp_path,
+                                                                                 tiny_models, capfd):
+    """`mlflow server` killed mid-run and started again on the same port 20 s later: training goes on, the
+    reports of the outage reach the run once the server is back, the gap is said once, the run FINISHED."""
+    import sqlite3
+    import socket
+    import threading
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store, log = tmp_path / "server.db", tmp_path / "server.log"
+    server = [start_mlflow_server(store, port, log)]
+    uri = f"http://127.0.0.1:{port}"
+    outage: dict[str, float] = {}
+
+    def cut_and_restore():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # once the run has logged its first report
+            with sqlite3.connect(store) as db:
+                if db.execute("select count(*) from metrics").fetchone()[0]:
+                    break
+            time.sleep(0.2)
+        os.killpg(server[0].pid, signal.SIGKILL)
+        server[0].wait()
+        outage["cut"] = time.monotonic()
+        time.sleep(20)
+        server[0] = start_mlflow_server(store, port, log)
+        outage["back"] = time.monotonic()
+
+    chaos = threading.Thread(target=cut_and_restore, daemon=True)
+    corpus = write_corpus(tmp_path / "corpus.tsv", coco_captions(4000))
+    try:
+        chaos.start()
+        summary = run_stage(load_config(STAGE0, overrides(tmp_path, tiny_models, uri, **{
+            "data.text": corpus, "run.name": "outage", "train.max_steps": 200, "train.batch_size_per_worker": 8,
+            "train.log_every_steps": 5, "train.checkpoint_every_steps": 100, "mlflow.outage_wait_s": 180})))
+        chaos.join(timeout=300)
+        out = "".join(capfd.readouterr())
+        with capfd.disabled():  # what the run said about the outage, for the log of the test run
+            print(*(line for line in out.splitlines() if "MLflow" in line and "answer" in line), sep="\n")
+        assert "back" in outage, "the server was not cut and restored during the run"
+        assert summary["step"] == 200
+        assert out.count("does not answer at step") == 1 and out.count("MLflow answers again: sent") == 1, out[-3000:]
+        assert "missing from run" not in out
+        client = mlflow_client(uri)
+        for key in ("loss", "lm_loss", "lr"):
+            assert history_steps(client, summary["mlflow_run_id"], key) == list(range(5, 201, 5)), key
+        run = client.get_run(summary["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["checkpoint_uri"].endswith("checkpoint_00000200")
+    finally:
+        os.killpg(server[0].pid, signal.SIGKILL)
+        server[0].wait()
+
+
 def heldout_lm_loss(kind: str, tiny_models: dict, checkpoint=None, batches: int = 4, batch_size: int = 64) -> float:
     """Mean LM loss through the soft prompt on COCO captions no stage-0 test run reads (those after the
     subset), in eval mode: the P-Former as the run initialised it (same seed), or with `checkpoint`'s weights."""

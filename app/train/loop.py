@@ -202,6 +202,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     last_saved = state.step if checkpoint is not None else -1  # the restored checkpoint is already saved
     reported = False
     config_yaml = cfg.to_yaml()
+    held = tracking.HeldMetrics(cfg.mlflow.tracking_uri, run_id, say=lambda line: progress(f"[{cfg.stage}] {line}"))
 
     def validate() -> dict[str, float]:
         """Mean of each loss term over the validation shard (capped by the driver at data.val_max_batches)."""
@@ -258,22 +259,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 return
             try:
                 counts = {f"data_{k}": v for k, v in read_counts(counter).items()}
-                tracking.log_metrics(cfg.mlflow.tracking_uri, run_id, {**metrics, **counts}, step=state.step)
-                if save:
-                    tracking.set_tags(cfg.mlflow.tracking_uri, run_id, {
-                        "checkpoint_uri": storage.join(cfg.run.storage_path, cfg.run.name, dir_name)})
-            except Exception as err:  # tracking trouble must not kill a long run
-                logger.warning("MLflow logging failed at step %d: %s", state.step, err)
+            except Exception as err:  # counting trouble must not kill a long run
+                logger.warning("could not read the data counts at step %d: %s", state.step, err)
+                counts = {}
+            held.log(state.step, {**metrics, **counts}, tags={
+                "checkpoint_uri": storage.join(cfg.run.storage_path, cfg.run.name, dir_name)} if save else None)
 
     # 2. Validation losses before any training, so every run's curve starts from its initial model.
     if val_shard is not None and checkpoint is None:
         initial = validate()
         if rank == 0 and initial:
             progress(f"[{cfg.stage}] step 0 " + " ".join(f"{k}={v:.4f}" for k, v in initial.items()))
-            try:
-                tracking.log_metrics(cfg.mlflow.tracking_uri, run_id, initial, step=0)
-            except Exception as err:
-                logger.warning("MLflow logging failed at step 0: %s", err)
+            held.log(0, initial)
 
     # 3. Epochs over the streamed shard until max_steps.
     while state.epoch < cfg.train.epochs and state.step < cfg.train.max_steps:
@@ -330,3 +327,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0 and state.step >= cfg.train.max_steps:
             progress(f"[{cfg.stage}] already at step {state.step} of {cfg.train.max_steps}: nothing to do")
         ray.train.report({"step": state.step, "resumed_from_step": resumed_from})
+    if rank == 0:
+        held.close(cfg.mlflow.outage_wait_s)
