@@ -142,11 +142,12 @@ class HeldMetrics:
     training at every report; this process's calls retry twice, briefly, and hold the report instead."""
 
     BATCH_METRICS = 900  # MLflow accepts up to 1000 metrics per log_batch call
+    REFUSED = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "INVALID_STATE",
+               "BAD_REQUEST"}
+    SHORT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}  # unless set: the user's settings win
 
     def __init__(self, tracking_uri: str, run_id: str, say, max_held: int = 100_000):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.tracking_uri, self.run_id, self.say, self.max_held = tracking_uri, run_id, say, max_held
         self.held: list[tuple[int, dict[str, float], dict[str, str]]] = []
         self.down_since: Optional[int] = None
@@ -166,26 +167,37 @@ class HeldMetrics:
         from mlflow.entities import Metric, RunTag
 
         sent = 0
-        try:
-            while self.held:
-                metrics, tags, count = [], {}, 0
-                for step, values, step_tags in self.held:
-                    if metrics and len(metrics) + len(values) > self.BATCH_METRICS:
-                        break
-                    now = int(time.time() * 1000)
-                    metrics += [Metric(k, v, now, step) for k, v in values.items()]
-                    tags.update(step_tags)
-                    count += 1
+        while self.held:
+            metrics, tags, count = [], {}, 0
+            for step, values, step_tags in self.held:
+                if metrics and len(metrics) + len(values) > self.BATCH_METRICS:
+                    break
+                now = int(time.time() * 1000)
+                metrics += [Metric(k, v, now, step) for k, v in values.items()]
+                tags.update(step_tags)
+                count += 1
+            unset = {k: v for k, v in self.SHORT_RETRIES.items() if k not in os.environ}
+            os.environ.update(unset)  # MLflow reads them at each request
+            try:
                 client(self.tracking_uri).log_batch(self.run_id, metrics=metrics,
                                                     tags=[RunTag(k, v) for k, v in tags.items()])
-                del self.held[:count]
-                sent += count
-        except Exception as err:  # any failure to reach the server: hold, never stop training
-            if self.down_since is None:
-                self.down_since = self.held[0][0]
-                self.say(f"MLflow at {self.tracking_uri} does not answer at step {self.held[-1][0]} "
-                         f"({type(err).__name__}); reports are held and sent when it does")
-            return False
+            except Exception as err:  # never stop training over tracking
+                if getattr(err, "error_code", None) in self.REFUSED:  # the server answered no: holding cannot help
+                    steps = [step for step, _, _ in self.held[:count]]
+                    self.say(f"MLflow refused the reports of steps {steps[0]}-{steps[-1]} ({err}); they are dropped")
+                    self.dropped += steps
+                    del self.held[:count]
+                    continue
+                if self.down_since is None:
+                    self.down_since = self.held[0][0]
+                    self.say(f"MLflow at {self.tracking_uri} does not answer at step {self.held[-1][0]} "
+                             f"({type(err).__name__}); reports are held and sent when it does")
+                return False
+            finally:
+                for key in unset:
+                    os.environ.pop(key, None)
+            del self.held[:count]
+            sent += count
         if self.down_since is not None:
             self.say(f"MLflow answers again: sent {sent} report(s) held since step {self.down_since}")
             self.down_since = None

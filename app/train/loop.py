@@ -104,11 +104,11 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 def _restore_complete(checkpoint: ray.train.Checkpoint, restore, cfg: Config, s3: storage.S3Options,
-                      rank: int) -> tuple[TrainerState, set[str]]:
+                      rank: int) -> tuple[TrainerState, set[str], bool]:
     """Restore the run folder's newest complete checkpoint: Ray Train's latest, or one written after it that
     a failure kept Ray from registering (fewer steps lost), or, when the latest is incomplete or damaged,
-    the newest complete one before it. Says which it passed over and why; returns the names of those newer
-    than the one restored (never written to again)."""
+    the newest complete one before it. Says which it passed over and why; returns the state, the names of
+    those newer than the one restored (never written to again) and whether it is Ray Train's latest."""
     latest = Path(checkpoint.path).name
     run_uri = storage.join(cfg.run.storage_path, cfg.run.name)
     try:
@@ -136,7 +136,7 @@ def _restore_complete(checkpoint: ray.train.Checkpoint, restore, cfg: Config, s3
             if name > latest:
                 progress(f"[{cfg.stage}] resuming from {name}, written after Ray Train's last registered checkpoint "
                          f"({latest})")
-        return state, set(passed_over)
+        return state, set(passed_over), name == latest
     raise IncompleteCheckpoint(f"{run_uri} holds no complete checkpoint to resume from ({latest}: "
                                f"{passed_over.get(latest)}); start the run afresh under another run.name, or "
                                f"remove {run_uri}")
@@ -176,8 +176,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state = TrainerState()
     checkpoint = ray.train.get_checkpoint()
     skipped: set[str] = set()  # incomplete checkpoints newer than the one restored: never written to again
+    registered = checkpoint is not None  # the restored checkpoint is one Ray Train knows
     if checkpoint is not None:
-        state, skipped = _restore_complete(checkpoint, restore, cfg, s3, rank)
+        state, skipped, registered = _restore_complete(checkpoint, restore, cfg, s3, rank)
         if rank == 0:
             progress(f"[{cfg.stage}] resuming from step {state.step} (epoch {state.epoch}, "
                      f"batch {state.batches_in_epoch})")
@@ -199,7 +200,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None
     last_metrics: dict[str, float] = {}
-    last_saved = state.step if checkpoint is not None else -1  # the restored checkpoint is already saved
+    last_saved = state.step if registered else -1  # a restored checkpoint Ray Train knows is not saved again
     reported = False
     config_yaml = cfg.to_yaml()
     held = tracking.HeldMetrics(cfg.mlflow.tracking_uri, run_id, say=lambda line: progress(f"[{cfg.stage}] {line}"))
