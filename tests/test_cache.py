@@ -188,9 +188,10 @@ def test_a_cache_of_other_models_is_refused_by_name(ray_session, pformer_checkpo
                                                     tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
+    from app import storage
     from app.data.feature_cache import CacheError
     from app.stages import get_stage
-    from app import storage
+    from app.train.checkpoint import file_table
 
     out = tmp_path / "cache"
     code, printed = run_job(job_args(tmp_path, tiny_models, tiny_vision, pformer_checkpoint, out=str(out), train=str(flickr_shards)),
@@ -221,6 +222,9 @@ def test_a_cache_of_other_models_is_refused_by_name(ray_session, pformer_checkpo
     name = next(k for k in sorted(weights) if k.endswith("llm_proj.weight"))
     weights[name] = weights[name] + 0.01
     save_file(weights, other / "model.safetensors")
+    manifest = json.loads((other / "manifest.json").read_text())  # a complete checkpoint of those weights
+    manifest["files"] = file_table(other)
+    (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match=r"P-Former: the cache was made with .* this run's init_from.pformer is .*other-pformer"):
         check(f"init_from.pformer={other}")
     with pytest.raises(CacheError, match=r"no feature cache at"):

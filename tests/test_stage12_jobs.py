@@ -162,6 +162,10 @@ def strip_ln_vision(checkpoint, out):
     heads = json.loads((out / "qformer" / "qformer_heads.json").read_text())
     del heads["ln_vision"]
     (out / "qformer" / "qformer_heads.json").write_text(json.dumps(heads))
+    manifest = json.loads((out / "manifest.json").read_text())  # and before the manifest listed its files
+    manifest.pop("files")
+    manifest["format"] = 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
 
