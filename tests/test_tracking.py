@@ -18,6 +18,8 @@ def test_reports_go_through_and_a_refused_one_is_dropped_not_held(mlflow_uri):
         assert held.log(step, {"loss": 1.0 / step, "note": "not a number"}, tags={"checkpoint_uri": f"c{step}"})
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(5, 0.2), (10, 0.1)]
     assert client.get_run(run_id).data.tags["checkpoint_uri"] == "c10" and not said
+    assert held.log(10, {}, tags={"checkpoint_uri": "c10b"})  # a tag alone (the checkpoint after its step's metrics)
+    assert client.get_run(run_id).data.tags["checkpoint_uri"] == "c10b" and len(client.get_metric_history(run_id, "loss")) == 2
     assert not {k for k in tracking.HeldMetrics.SHORT_RETRIES if k in os.environ}  # set only around each call
 
     gone = tracking.HeldMetrics(mlflow_uri, "0" * 32, say=said.append)  # a run the store does not have

@@ -238,6 +238,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             check_data()
         last_metrics = dict(metrics)
         dir_name = checkpoint_name(state.step, skipped)
+        if rank == 0:
+            # Logged before the checkpoint is written: a worker killed in between resumes from the checkpoint
+            # before it and trains this step again (not logged twice), where logging after the write would let a
+            # kill in between resume past a step MLflow never got.
+            log_step(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if save and rank == 0:
@@ -249,22 +254,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                              checkpoint_dir_name=dir_name if save else None)
         if save:
             last_saved = state.step
-        if rank == 0:
-            losses = " ".join(f"{k}={metrics[k]:.4f}" for k in stage.loss_keys if k in metrics)
-            losses += "".join(f" val_{k}={metrics[f'val_{k}']:.4f}" for k in stage.loss_keys if f"val_{k}" in metrics)
-            replayed = state.step <= logged_through
-            progress(f"[{cfg.stage}] step {state.step}/{cfg.train.max_steps} {losses} lr={metrics['lr']:.2e} "
-                     f"samples/s={metrics.get('samples_per_s', 0.0):.1f} "
-                     f"tokens/s={metrics.get('tokens_per_s', 0.0):.0f}{' (trained again)' if replayed else ''}")
-            if replayed:
-                return
-            try:
-                counts = {f"data_{k}": v for k, v in read_counts(counter).items()}
-            except Exception as err:  # counting trouble must not kill a long run
-                logger.warning("could not read the data counts at step %d: %s", state.step, err)
-                counts = {}
-            held.log(state.step, {**metrics, **counts}, tags={
-                "checkpoint_uri": storage.join(cfg.run.storage_path, cfg.run.name, dir_name)} if save else None)
+            if rank == 0:
+                held.log(state.step, {}, tags={"checkpoint_uri": storage.join(cfg.run.storage_path, cfg.run.name,
+                                                                              dir_name)})
+
+    def log_step(metrics: dict[str, float]) -> None:
+        losses = " ".join(f"{k}={metrics[k]:.4f}" for k in stage.loss_keys if k in metrics)
+        losses += "".join(f" val_{k}={metrics[f'val_{k}']:.4f}" for k in stage.loss_keys if f"val_{k}" in metrics)
+        replayed = state.step <= logged_through
+        progress(f"[{cfg.stage}] step {state.step}/{cfg.train.max_steps} {losses} lr={metrics['lr']:.2e} "
+                 f"samples/s={metrics.get('samples_per_s', 0.0):.1f} "
+                 f"tokens/s={metrics.get('tokens_per_s', 0.0):.0f}{' (trained again)' if replayed else ''}")
+        if replayed:
+            return
+        try:
+            counts = {f"data_{k}": v for k, v in read_counts(counter).items()}
+        except Exception as err:  # counting trouble must not kill a long run
+            logger.warning("could not read the data counts at step %d: %s", state.step, err)
+            counts = {}
+        held.log(state.step, {**metrics, **counts})
 
     # 2. Validation losses before any training, so every run's curve starts from its initial model.
     if val_shard is not None and checkpoint is None:
