@@ -384,7 +384,7 @@ def run_cache_job(cfg: Config, *, max_shards: Optional[int] = None) -> dict[str,
     before Ray starts, then write or finish the cache; returns the manifest (or the progress)."""
     if not cfg.cache.out:
         raise ConfigError("cache.out: where to write the cache is required (a folder or s3:// prefix)")
-    s3 = storage.S3Options(cfg.storage.s3_endpoint, cfg.storage.s3_region)
+    s3 = storage.S3Options.from_config(cfg)
     cfg = cfg.model_copy(deep=True)
     cfg.data.train_features = None  # the training config may already name the cache this job writes
     if not cfg.data.train:

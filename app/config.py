@@ -36,10 +36,10 @@ class RunSection(_Section):
     seed: int = 42
 
 
-class StorageSection(_Section):
-    # Credentials never live here: they come from the standard AWS environment or the instance profile.
+class StorageSection(_Section):  # no credentials here: they come from the AWS environment or instance profile
     s3_endpoint: Optional[str] = Field(None, description="S3 endpoint URL (default: AWS_ENDPOINT_URL[_S3] or AWS).")
     s3_region: Optional[str] = Field(None, description="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION).")
+    s3_max_attempts: int = Field(11, ge=1, description="Attempts per S3 request (waits 25 ms x 2^k: 11 ~ 51 s).")
 
 
 class MlflowSection(_Section):

@@ -24,10 +24,12 @@ class S3Options:
 
     endpoint: Optional[str] = None
     region: Optional[str] = None
+    max_attempts: int = 11  # storage.s3_max_attempts
 
     @classmethod
     def from_config(cls, cfg) -> "S3Options":
-        return cls(endpoint=cfg.storage.s3_endpoint, region=cfg.storage.s3_region)
+        return cls(endpoint=cfg.storage.s3_endpoint, region=cfg.storage.s3_region,
+                   max_attempts=cfg.storage.s3_max_attempts)
 
     def resolved_endpoint(self) -> Optional[str]:
         return self.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -40,15 +42,31 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem whose retry strategy survives pickling. Ray ships filesystems to its read
+    tasks and training workers by pickling them, and pyarrow pickles an S3FileSystem without its
+    `retry_strategy` (the copy falls back to 3 quick attempts); this one is rebuilt from its options.
+
+    Retries follow the AWS SDK's default strategy: the k-th retry waits 25 ms x 2^k, so 10 attempts wait
+    about 26 s in all, 11 about 51 s, 12 about 102 s. Connection failures and 5xx answers are retried;
+    answers such as NoSuchKey or AccessDenied are not."""
+
+    def __init__(self, options: "S3Options"):
+        kwargs: dict[str, Any] = {"region": options.resolved_region()}
+        endpoint = options.resolved_endpoint()
+        if endpoint:
+            parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+            kwargs["endpoint_override"] = parsed.netloc
+            kwargs["scheme"] = parsed.scheme
+        super().__init__(retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=options.max_attempts), **kwargs)
+        self.options = options
+
+    def __reduce__(self):
+        return RetryingS3FileSystem, (self.options,)
+
+
 def s3_filesystem(options: S3Options | None = None) -> pafs.S3FileSystem:
-    options = options or S3Options()
-    kwargs = {"region": options.resolved_region()}
-    endpoint = options.resolved_endpoint()
-    if endpoint:
-        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-        kwargs["endpoint_override"] = parsed.netloc
-        kwargs["scheme"] = parsed.scheme
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(options or S3Options())
 
 
 def resolve(uri: str, options: S3Options | None = None) -> tuple[pafs.FileSystem, str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from app import storage
 from app.config import load_config
 from app.train.launcher import run_stage
 
@@ -295,6 +296,69 @@ def test_a_tracking_server_outage_holds_the_reports_and_sends_them_when_it_retur
     finally:
         os.killpg(server[0].pid, signal.SIGKILL)
         server[0].wait()
+
+
+@pytest.mark.slow
+def test_an_s3_outage_during_a_checkpoint_upload_is_waited_out(ray_session, tmp_path, tiny_models, mlflow_uri):
+    """The S3 endpoint (a moto server of its own) stopped for 20 s once the run's first checkpoint is on it,
+    then started again on the same port with the same buckets: the upload that the outage catches is retried
+    (storage.s3_max_attempts) until S3 answers, the run finishes, and every checkpoint is complete."""
+    import socket
+    import threading
+
+    from moto.server import ThreadedMotoServer
+
+    from app.train.checkpoint import storage_problem
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    server = [ThreadedMotoServer(ip_address="127.0.0.1", port=port)]
+    server[0].start()
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="outage")
+    s3.upload_file(str(write_corpus(tmp_path / "part-0.tsv", coco_captions(400))), "outage", "corpus/part-0.tsv")
+    outage: dict[str, float] = {}
+
+    def cut_and_restore():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not s3.list_objects_v2(
+                Bucket="outage", Prefix="ckpt/outage/checkpoint_00000010/").get("KeyCount"):
+            time.sleep(0.05)
+        server[0].stop()
+        outage["cut"] = time.time()
+        time.sleep(20)
+        server[0] = ThreadedMotoServer(ip_address="127.0.0.1", port=port)  # moto keeps its buckets in-process
+        server[0].start()
+        outage["back"] = time.time()
+
+    chaos = threading.Thread(target=cut_and_restore, daemon=True)
+    try:
+        chaos.start()
+        summary = run_stage(load_config(STAGE0, overrides(tmp_path, tiny_models, mlflow_uri, **{
+            "data.text": "s3://outage/corpus/", "run.storage_path": "s3://outage/ckpt", "run.name": "outage",
+            "storage.s3_endpoint": endpoint, "train.max_steps": 60, "train.epochs": 100,
+            "train.batch_size_per_worker": 16, "train.log_every_steps": 5, "train.checkpoint_every_steps": 10,
+            "train.num_checkpoints_to_keep": 6})))
+        chaos.join(timeout=300)
+        assert "back" in outage, "the endpoint was not stopped and restarted during the run"
+        assert summary["step"] == 60 and summary["checkpoint"] == "s3://outage/ckpt/outage/checkpoint_00000060"
+        s3_options = storage.S3Options(endpoint=endpoint)
+        steps = range(10, 61, 10)
+        assert [storage_problem(f"s3://outage/ckpt/outage/checkpoint_{step:08d}", s3_options) for step in steps] == \
+            [None] * len(steps)
+        # The run was held by S3, not done before the cut: a step's metrics are logged before its checkpoint is
+        # uploaded, and some step logged before the cut has its checkpoint written only after S3 was back.
+        client = mlflow_client(mlflow_uri)
+        logged = {m.step: m.timestamp / 1000 for m in client.get_metric_history(summary["mlflow_run_id"], "loss")}
+        written = {step: s3.list_objects_v2(Bucket="outage", Prefix=f"ckpt/outage/checkpoint_{step:08d}/manifest.json")
+                   ["Contents"][0]["LastModified"].timestamp() for step in steps}
+        held = [step for step in steps if logged[step] < outage["cut"] and written[step] >= outage["back"] - 1]
+        assert held, (outage, logged, written)
+        assert history_steps(client, summary["mlflow_run_id"], "loss") == list(range(5, 61, 5))
+    finally:
+        server[0].stop()
 
 
 def heldout_lm_loss(kind: str, tiny_models: dict, checkpoint=None, batches: int = 4, batch_size: int = 64) -> float:

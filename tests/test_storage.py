@@ -26,3 +26,20 @@ def test_cached_download_follows_rewritten_objects(s3_endpoint, s3_bucket, tmp_p
     assert second != first and open(f"{second}/model.safetensors", "rb").read() == b"second weights!"
     whole = storage.local_model(uri, options)
     assert open(f"{whole}/optimizer.pt", "rb").read() == b"x" * 1000
+
+
+def test_s3_filesystems_keep_their_retry_settings_when_ray_pickles_them():
+    """Ray ships filesystems to read tasks and training workers by pickling them; pyarrow's own S3FileSystem
+    loses its retry strategy on the way (3 quick attempts on the other side), ours is rebuilt from its options."""
+    import pickle
+
+    import pyarrow.fs as pafs
+    from ray import cloudpickle
+
+    options = storage.S3Options(endpoint="http://127.0.0.1:9", region="us-east-1", max_attempts=7)
+    fs, path = storage.resolve("s3://bucket/key", options)
+    assert path == "bucket/key" and isinstance(fs, pafs.S3FileSystem)
+    for dumps, loads in ((pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)):
+        copy = loads(dumps(fs))
+        assert type(copy) is storage.RetryingS3FileSystem and copy.options == options
+    assert storage.S3Options().max_attempts == 11  # storage.s3_max_attempts' default
