@@ -299,17 +299,51 @@ def test_too_many_bad_samples_stop_the_run_naming_shard_and_key(ray_session, tmp
     assert f"{shard} key 'b_truncated': corrupt_image" in message and "checkpoint kept" in message
 
 
-def test_two_workers_gather_features_and_negatives_across_the_global_batch(ray_session, pformer_checkpoint, flickr_shards,
-                                                                          tmp_path, tiny_models, tiny_vision,
-                                                                          mlflow_uri):
-    # Two DDP workers: ITC over the gathered features, ITM negatives (and caption widths) from both workers.
+@pytest.mark.slow
+def test_two_workers_gather_across_the_global_batch_and_survive_a_killed_worker(ray_session, pformer_checkpoint,
+                                                                                flickr_shards, tmp_path, tiny_models,
+                                                                                tiny_vision, mlflow_uri, capfd):
+    """Two DDP workers: ITC over the gathered features, ITM negatives (and caption widths) from both workers.
+    One of them SIGKILLed after the first checkpoint (train.max_failures=1): the worker group restarts from the
+    newest complete checkpoint, at most one checkpoint interval is trained again, and the MLflow history has
+    each step once."""
+    import signal
+    import threading
+    import time
+
+    from conftest import processes_using
+
+    every, steps = 4, 24
+    run_dir = tmp_path / "ckpt" / "two-workers"
+    before = set(processes_using("ray::RayTrainWorker"))  # left by earlier runs of the session
+    killed: dict[str, object] = {}
+
+    def kill_one_worker():
+        deadline = time.monotonic() + 300
+        while not (run_dir / f"checkpoint_{every:08d}" / "manifest.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = sorted(set(processes_using("ray::RayTrainWorker")) - before)
+        killed["workers"] = workers
+        killed["newest"] = max(int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*") if (p / "manifest.json").exists())
+        os.kill(int(workers[-1].split()[0]), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
+    killer.start()
     summary = run_stage(load_config(STAGE1, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
         "run.name": "two-workers", "data.train": flickr_shards, "init_from.pformer": pformer_checkpoint["opt"],
-        "scaling.num_workers": 2, "train.batch_size_per_worker": 4, "train.max_steps": 6, "train.log_every_steps": 3,
-        "train.checkpoint_every_steps": 6})))
-    assert summary["step"] == 6
+        "scaling.num_workers": 2, "train.batch_size_per_worker": 4, "train.max_steps": steps,
+        "train.log_every_steps": 2, "train.checkpoint_every_steps": every, "train.max_failures": 1,
+        "train.num_checkpoints_to_keep": 10})))
+    killer.join(timeout=60)
+    out = "".join(capfd.readouterr())
+    assert len(killed.get("workers", [])) == 2, killed
+    assert summary["step"] == steps
+    assert "resuming from step" in out, out[-3000:]
+    resumed_at = int(out.split("resuming from step ", 1)[1].split()[0])
+    assert killed["newest"] <= resumed_at <= killed["newest"] + every and resumed_at < steps, (killed, out[-3000:])
     for key in ("itc_loss", "itm_loss", "itg_loss", "align_mse"):
         assert 0 < summary["metrics"][key] < 20, key
+        assert [step for step, _ in history(mlflow_uri, summary["mlflow_run_id"], key)] == list(range(2, steps + 1, 2))
     # ITC over a global batch of 8 starts near log(8) = 2.08 (near-uniform similarities); a worker-local
     # batch of 4 could not exceed log(4) = 1.39 by much.
     first_itc = history(mlflow_uri, summary["mlflow_run_id"], "itc_loss")[0][1]

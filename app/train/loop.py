@@ -17,7 +17,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import ray.train
@@ -103,20 +103,23 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
                for k, v in moved.items() if not k.endswith(BF16_SUFFIX)}, **cached}
 
 
-def _restore_complete(checkpoint: ray.train.Checkpoint, restore, cfg: Config, s3: storage.S3Options,
-                      rank: int) -> tuple[TrainerState, set[str], bool]:
+def _restore_complete(checkpoint: Optional[ray.train.Checkpoint], restore, cfg: Config, s3: storage.S3Options,
+                      rank: int) -> tuple[Optional[TrainerState], set[str], bool]:
     """Restore the run folder's newest complete checkpoint: Ray Train's latest, or one written after it that
-    a failure kept Ray from registering (fewer steps lost), or, when the latest is incomplete or damaged,
-    the newest complete one before it. Says which it passed over and why; returns the state, the names of
-    those newer than the one restored (never written to again) and whether it is Ray Train's latest."""
-    latest = Path(checkpoint.path).name
+    a failure kept Ray from registering (fewer steps lost; with no registered checkpoint at all, a worker
+    killed right after writing the run's first one), or, when the latest is incomplete or damaged, the
+    newest complete one before it. Says which it passed over and why; returns the state (None: nothing to
+    restore, start afresh), the names of those newer than the one restored (never written to again) and
+    whether it is Ray Train's latest."""
+    latest = Path(checkpoint.path).name if checkpoint is not None else ""
     run_uri = storage.join(cfg.run.storage_path, cfg.run.name)
     try:
         folders = checkpoint_folders(run_uri, s3)
     except OSError as err:
-        logger.warning("cannot list %s (%s): resuming from Ray Train's latest checkpoint, %s", run_uri, err, latest)
+        logger.warning("cannot list %s (%s): resuming from Ray Train's latest checkpoint, %s", run_uri, err,
+                       latest or "(none)")
         folders = []
-    if latest not in {name for name, _ in folders}:
+    if checkpoint is not None and latest not in {name for name, _ in folders}:
         folders.append((latest, None))
     passed_over: dict[str, str] = {}
     for name, problem in folders:
@@ -135,8 +138,13 @@ def _restore_complete(checkpoint: ray.train.Checkpoint, restore, cfg: Config, s3
                 progress(f"[{cfg.stage}] not resuming from {bad}: {why}")
             if name > latest:
                 progress(f"[{cfg.stage}] resuming from {name}, written after Ray Train's last registered checkpoint "
-                         f"({latest})")
+                         f"({latest or 'none'})")
         return state, set(passed_over), name == latest
+    if checkpoint is None:  # only incomplete ones (or none): a fresh start that leaves their names alone
+        if rank == 0:
+            for bad, why in passed_over.items():
+                progress(f"[{cfg.stage}] not resuming from {bad}: {why}")
+        return None, set(passed_over), False
     raise IncompleteCheckpoint(f"{run_uri} holds no complete checkpoint to resume from ({latest}: "
                                f"{passed_over.get(latest)}); start the run afresh under another run.name, or "
                                f"remove {run_uri}")
@@ -173,19 +181,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             load_trainable(model, directory)
             return load_training_state(directory, optimizer, scheduler, scaler)
 
-    state = TrainerState()
     checkpoint = ray.train.get_checkpoint()
-    skipped: set[str] = set()  # incomplete checkpoints newer than the one restored: never written to again
-    registered = checkpoint is not None  # the restored checkpoint is one Ray Train knows
-    if checkpoint is not None:
-        state, skipped, registered = _restore_complete(checkpoint, restore, cfg, s3, rank)
-        if rank == 0:
-            progress(f"[{cfg.stage}] resuming from step {state.step} (epoch {state.epoch}, "
-                     f"batch {state.batches_in_epoch})")
+    # skipped: incomplete checkpoints newer than the one restored, never written to again; registered: the
+    # restored checkpoint is one Ray Train knows.
+    restored, skipped, registered = _restore_complete(checkpoint, restore, cfg, s3, rank)
+    state = restored or TrainerState()
+    if restored is not None and rank == 0:
+        progress(f"[{cfg.stage}] resuming from step {state.step} (epoch {state.epoch}, "
+                 f"batch {state.batches_in_epoch})")
     resumed_from = state.step
     # Steps after the checkpoint that a failed attempt had already logged are trained again; MLflow keeps the
-    # first values, so the run's history has each step once.
-    logged_through = _logged_through(cfg, run_id) if checkpoint is not None and rank == 0 else -1
+    # first values, so the run's history has each step once. (A fresh attempt may follow one that logged.)
+    logged_through = _logged_through(cfg, run_id) if rank == 0 else -1
     if logged_through > resumed_from:
         progress(f"[{cfg.stage}] MLflow holds steps through {logged_through}: steps {resumed_from + 1}-"
                  f"{logged_through} are trained again and not logged twice")
@@ -275,7 +282,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         held.log(state.step, {**metrics, **counts})
 
     # 2. Validation losses before any training, so every run's curve starts from its initial model.
-    if val_shard is not None and checkpoint is None:
+    if val_shard is not None and restored is None and logged_through < 0:
         initial = validate()
         if rank == 0 and initial:
             progress(f"[{cfg.stage}] step 0 " + " ".join(f"{k}={v:.4f}" for k, v in initial.items()))
