@@ -282,9 +282,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         held.log(state.step, {**metrics, **counts})
 
     # 2. Validation losses before any training, so every run's curve starts from its initial model.
-    if val_shard is not None and restored is None and logged_through < 0:
+    if val_shard is not None and restored is None:  # on every rank: the validation split is consumed by all
         initial = validate()
-        if rank == 0 and initial:
+        if rank == 0 and initial and logged_through < 0:
             progress(f"[{cfg.stage}] step 0 " + " ".join(f"{k}={v:.4f}" for k, v in initial.items()))
             held.log(0, initial)
 
