@@ -149,31 +149,33 @@ class HeldMetrics:
 
     def __init__(self, tracking_uri: str, run_id: str, say, max_held: int = 100_000):
         self.tracking_uri, self.run_id, self.say, self.max_held = tracking_uri, run_id, say, max_held
-        self.held: list[tuple[int, dict[str, float], dict[str, str]]] = []
+        self.held: list[tuple[int, int, dict[str, float], dict[str, str]]] = []  # step, time (ms), metrics, tags
         self.down_since: Optional[int] = None
         self.dropped: list[int] = []
 
     def log(self, step: int, metrics: dict[str, Any], tags: Optional[dict[str, Any]] = None) -> bool:
-        """Send this report and any held before it; False when MLflow did not answer (the report is held)."""
-        self.held.append((step, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-                          {k: str(v) for k, v in (tags or {}).items()}))
+        """Send this report and any held before it; False when MLflow did not answer (the report is held).
+
+        A report keeps the time it was made: resent after a request whose answer was lost (the server wrote it,
+        then died), it is the same metric again, which MLflow's SQL store takes once rather than twice."""
+        import time
+
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.held.append((step, int(time.time() * 1000), values, {k: str(v) for k, v in (tags or {}).items()}))
         if len(self.held) > self.max_held:
             self.dropped.append(self.held.pop(0)[0])
         return self.flush()
 
     def flush(self) -> bool:
-        import time
-
         from mlflow.entities import Metric, RunTag
 
         sent = 0
         while self.held:
             metrics, tags, count = [], {}, 0
-            for step, values, step_tags in self.held:
+            for step, made, values, step_tags in self.held:
                 if metrics and len(metrics) + len(values) > self.BATCH_METRICS:
                     break
-                now = int(time.time() * 1000)
-                metrics += [Metric(k, v, now, step) for k, v in values.items()]
+                metrics += [Metric(k, v, made, step) for k, v in values.items()]
                 tags.update(step_tags)
                 count += 1
             unset = {k: v for k, v in self.SHORT_RETRIES.items() if k not in os.environ}
@@ -183,7 +185,7 @@ class HeldMetrics:
                                                     tags=[RunTag(k, v) for k, v in tags.items()])
             except Exception as err:  # never stop training over tracking
                 if getattr(err, "error_code", None) in self.REFUSED:  # the server answered no: holding cannot help
-                    steps = [step for step, _, _ in self.held[:count]]
+                    steps = [held[0] for held in self.held[:count]]
                     self.say(f"MLflow refused the reports of steps {steps[0]}-{steps[-1]} ({err}); they are dropped")
                     self.dropped += steps
                     del self.held[:count]
@@ -210,7 +212,7 @@ class HeldMetrics:
         deadline = time.monotonic() + wait_s
         while not self.flush() and time.monotonic() < deadline:
             time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
-        missing = self.dropped + [step for step, _, _ in self.held]
+        missing = self.dropped + [held[0] for held in self.held]
         if missing:
             self.say(f"MLflow did not take the reports of {len(missing)} step(s) ({missing[0]}-{missing[-1]}): "
                      f"they are missing from run {self.run_id}'s history")

@@ -354,6 +354,41 @@ def processes_using(*markers: str) -> list[str]:
     return [line for line in out if any(m in line for m in markers) and "ps -eo" not in line]
 
 
+def free_ports(count: int = 1) -> list[int]:
+    """Ports free on 127.0.0.1 now (bound together, so distinct), for servers the tests start themselves."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def start_mlflow_server(store: Path, port: int, log: Path):
+    """A real tracking server (`mlflow server`, one worker, no job runner) on 127.0.0.1:`port`, answering;
+    in a session of its own, so that os.killpg stops it with its workers."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            cwd=store.parent, stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+
+
 def make_shards_cli(*args: str, timeout: int = 300):
     import subprocess
     import sys

@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,19 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, coco_subset, mlflow_store, processes_using
+from conftest import ROOT, coco_subset, free_ports, mlflow_store, processes_using
 
 RAY = str(Path(sys.executable).parent / "ray")
 
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def stage0_overrides(tmp_path: Path, tiny_models: dict, mlflow_uri: str, name: str) -> list[str]:

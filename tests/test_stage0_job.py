@@ -16,7 +16,7 @@ from app.config import load_config
 from app.train.launcher import run_stage
 
 from conftest import (COCO_SUBSET_LINES, ROOT, STAGE0_STEPS, STAGE0_WINDOW, coco_captions, credential_leaks,
-                      fail_fast, processes_using)
+                      fail_fast, free_ports, processes_using, start_mlflow_server)
 
 STAGE0 = ROOT / "configs" / "tiny" / "stage0.yaml"
 TRAIN_PROCESSES = ("ray::TrainController", "ray::RayTrainWorker")  # Ray Train's process titles
@@ -224,36 +224,15 @@ def test_killed_worker_and_driver_resume_from_complete_checkpoints_with_one_hist
     assert again["checkpoint"] == resumed["checkpoint"] and again["data"] == {}
 
 
-def start_mlflow_server(store: Path, port: int, log: Path) -> subprocess.Popen:
-    """A real tracking server (`mlflow server`, one worker, no job runner) on 127.0.0.1:`port`, answering."""
-    import urllib.request
-
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            cwd=store.parent, stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
-
-
 @pytest.mark.slow
 def test_a_tracking_server_outage_holds_the_reports_and_sends_them_when_it_returns(ray_session, tmp_path,
                                                                                  tiny_models, capfd):
     """`mlflow server` killed mid-run and started again on the same port 20 s later: training goes on, the
     reports of the outage reach the run once the server is back, the gap is said once, the run FINISHED."""
     import sqlite3
-    import socket
     import threading
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port, = free_ports()
     store, log = tmp_path / "server.db", tmp_path / "server.log"
     server = [start_mlflow_server(store, port, log)]
     uri = f"http://127.0.0.1:{port}"
@@ -303,16 +282,13 @@ def test_an_s3_outage_during_a_checkpoint_upload_is_waited_out(ray_session, tmp_
     """The S3 endpoint (a moto server of its own) stopped for 20 s once the run's first checkpoint is on it,
     then started again on the same port with the same buckets: the upload that the outage catches is retried
     (storage.s3_max_attempts) until S3 answers, the run finishes, and every checkpoint is complete."""
-    import socket
     import threading
 
     from moto.server import ThreadedMotoServer
 
     from app.train.checkpoint import storage_problem
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port, = free_ports()
     endpoint = f"http://127.0.0.1:{port}"
     server = [ThreadedMotoServer(ip_address="127.0.0.1", port=port)]
     server[0].start()
