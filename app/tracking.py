@@ -223,6 +223,13 @@ def last_step(tracking_uri: str, run_id: str, key: str) -> int:
     return max((m.step for m in client(tracking_uri).get_metric_history(run_id, key)), default=-1)
 
 
+def last_logged_step(tracking_uri: str, run_id: str) -> int:
+    """The last step of a training run's history: its last training report (`loss`), 0 when only the
+    validation before training (`val_loss` at step 0) got there, -1 when nothing did."""
+    last = last_step(tracking_uri, run_id, "loss")
+    return last if last >= 0 else min(0, last_step(tracking_uri, run_id, "val_loss"))
+
+
 def set_tags(tracking_uri: str, run_id: str, tags: dict[str, Any]) -> None:
     from mlflow.entities import RunTag
 

@@ -125,3 +125,16 @@ def test_a_report_whose_answer_was_lost_is_in_the_history_once(tmp_path):
     finally:
         os.killpg(server.pid, 9)
         server.wait()
+
+
+def test_the_last_logged_step_counts_the_validation_before_training(mlflow_uri):
+    """What a restarted worker reads to skip what its run already logged: nothing (-1), the step-0 validation
+    alone (0: not logged again), or the last training report."""
+    client = tracking.client(mlflow_uri)
+    run_id = client.create_run(client.create_experiment("restarts")).info.run_id
+    assert tracking.last_logged_step(mlflow_uri, run_id) == -1
+    held = tracking.HeldMetrics(mlflow_uri, run_id, say=print)
+    assert held.log(0, {"val_loss": 3.0, "val_lm_loss": 3.0})
+    assert tracking.last_logged_step(mlflow_uri, run_id) == 0
+    assert held.log(5, {"loss": 2.0}) and held.log(10, {"loss": 1.5, "val_loss": 1.6})
+    assert tracking.last_logged_step(mlflow_uri, run_id) == 10

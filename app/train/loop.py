@@ -151,9 +151,10 @@ def _restore_complete(checkpoint: Optional[ray.train.Checkpoint], restore, cfg: 
 
 
 def _logged_through(cfg: Config, run_id: str) -> int:
-    """The last step the run's MLflow history holds (-1 when none, or when MLflow cannot say)."""
+    """The last step the run's MLflow history holds (-1 when none, or when MLflow cannot say): a restart after
+    the step-0 validation reached MLflow does not log it again."""
     try:
-        return tracking.last_step(cfg.mlflow.tracking_uri, run_id, "loss")
+        return tracking.last_logged_step(cfg.mlflow.tracking_uri, run_id)
     except Exception as err:  # tracking trouble must not stop a resume
         logger.warning("could not read the MLflow history of run %s: %s", run_id, err)
         return -1
