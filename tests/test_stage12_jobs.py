@@ -315,17 +315,21 @@ def test_two_workers_gather_across_the_global_batch_and_survive_a_killed_worker(
 
     every, steps = 4, 24
     run_dir = tmp_path / "ckpt" / "two-workers"
-    before = set(processes_using("ray::RayTrainWorker"))  # left by earlier runs of the session
+    def worker_pids() -> set[int]:
+        return {int(line.split()[0]) for line in processes_using("ray::RayTrainWorker")}
+
+    before = worker_pids()  # left by earlier runs of the session (by pid: a process title changes as it works)
     killed: dict[str, object] = {}
 
     def kill_one_worker():
         deadline = time.monotonic() + 300
         while not (run_dir / f"checkpoint_{every:08d}" / "manifest.json").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        workers = sorted(set(processes_using("ray::RayTrainWorker")) - before)
+        workers = sorted(worker_pids() - before)
         killed["workers"] = workers
         killed["newest"] = max(int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*") if (p / "manifest.json").exists())
-        os.kill(int(workers[-1].split()[0]), signal.SIGKILL)
+        os.kill(workers[-1], signal.SIGKILL)
+        killed["pid"] = workers[-1]
 
     killer = threading.Thread(target=kill_one_worker, daemon=True)
     killer.start()
@@ -338,7 +342,8 @@ def test_two_workers_gather_across_the_global_batch_and_survive_a_killed_worker(
     out = "".join(capfd.readouterr())
     assert len(killed.get("workers", [])) == 2, killed
     assert summary["step"] == steps
-    assert "resuming from step" in out, out[-3000:]
+    assert killed["newest"] < steps and f"pid={killed['pid']})" in out, (killed, out[-3000:])  # one of this run's
+    assert "resuming from step" in out, (killed, out[-3000:])
     resumed_at = int(out.split("resuming from step ", 1)[1].split()[0])
     assert killed["newest"] <= resumed_at <= killed["newest"] + every and resumed_at < steps, (killed, out[-3000:])
     for key in ("itc_loss", "itm_loss", "itg_loss", "align_mse"):
