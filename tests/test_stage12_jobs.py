@@ -315,6 +315,7 @@ def test_two_workers_gather_across_the_global_batch_and_survive_a_killed_worker(
 
     every, steps = 4, 24
     run_dir = tmp_path / "ckpt" / "two-workers"
+
     def worker_pids() -> set[int]:
         return {int(line.split()[0]) for line in processes_using("ray::RayTrainWorker")}
 
@@ -325,7 +326,8 @@ def test_two_workers_gather_across_the_global_batch_and_survive_a_killed_worker(
         deadline = time.monotonic() + 300
         while not (run_dir / f"checkpoint_{every:08d}" / "manifest.json").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        workers = sorted(worker_pids() - before)
+        while len(workers := sorted(worker_pids() - before)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # both ranks, however `ps` shows them at this moment
         killed["workers"] = workers
         killed["newest"] = max(int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*") if (p / "manifest.json").exists())
         os.kill(workers[-1], signal.SIGKILL)
