@@ -56,9 +56,9 @@ class ScalingSection(_Section):
     # Logical CPUs of a Ray instance started locally. More than the physical count on purpose: on a
     # 2-core machine the trainer would otherwise take every CPU and starve Ray Data.
     local_num_cpus: int = Field(8, ge=1)
-    # CPU slots Ray Data may use for the training stream. None: no limit on a cluster; on a Ray instance
-    # the job starts itself, the cores left over by the trainer (at least 1), so the extra logical CPUs
-    # above never oversubscribe the machine.
+    # CPU slots Ray Data may use for the training stream. None: no limit on a cluster; on a Ray instance the
+    # job starts itself, or one whose nodes all run on this machine and advertise more CPUs than it has
+    # cores, the cores left over by the trainer (at least 1), so the extra logical CPUs never oversubscribe it.
     data_cpus: Optional[float] = Field(None, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How Ray places the workers: PACK fills a node first; STRICT_SPREAD one per node.")

@@ -236,14 +236,6 @@ def stopped_trial_settler(tracking_uri: str, parent: str):
     return SettleStoppedTrials()
 
 
-def single_host() -> bool:
-    """Every alive Ray node runs on this machine (a local instance, or a test cluster of several nodes)."""
-    import ray
-
-    here = ray.util.get_node_ip_address()
-    return all(node["NodeManagerAddress"] == here for node in ray.nodes() if node.get("Alive"))
-
-
 def max_concurrent_trials(cpus: float, gpus: float, per_trial_cpus: float, per_trial_gpus: float) -> int:
     """As many trials as the cluster's resources hold at once: each needs its trainer workers plus one CPU
     for Ray Data, so data loading is never starved (on a 2-CPU machine: one trial at a time)."""
@@ -269,7 +261,7 @@ def run_sweep(dims: list[Dimension], settings: SweepSettings, *, config_path: Op
     import ray
     from ray import tune
 
-    from app.train.launcher import init_ray, resolve_paths
+    from app.train.launcher import init_ray, resolve_paths, single_host
 
     if pipeline:
         base_pipeline = check_pipeline_space(dims, config_path, overrides)

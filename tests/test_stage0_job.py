@@ -75,6 +75,21 @@ def test_bad_input_fails_fast_with_a_message_and_no_ray(case, tmp_path, tiny_mod
     assert expected in err and "Traceback" not in err
 
 
+def test_ray_data_gets_the_cores_the_trainer_leaves_on_an_oversubscribed_machine(ray_session):
+    """The session's instance advertises 8 logical CPUs on this machine's cores, so a run that did not start it
+    still caps Ray Data at the cores its trainer leaves (without the cap Ray Data ran a tokenising process per
+    spare logical CPU); an explicit scaling.data_cpus wins."""
+    from app.train.launcher import data_config
+
+    def cpus(*items):
+        return data_config(load_config(STAGE0, list(items)), local=False)._user_execution_options.resource_limits.cpu
+
+    assert ray_session.cluster_resources()["CPU"] > os.cpu_count()
+    assert cpus("scaling.num_workers=1") == max(1, os.cpu_count() - 1)
+    assert cpus("scaling.num_workers=2", "scaling.cpus_per_worker=1") == max(1, os.cpu_count() - 2)
+    assert cpus("scaling.data_cpus=3") == 3
+
+
 def test_two_workers_report_losses_checkpoints_and_mlflow(ray_session, tmp_path, tiny_models, mlflow_uri):
     corpus = write_corpus(tmp_path / "corpus.tsv", coco_captions(3000), bad_lines=[b"\xff\xfe\tbroken\n", b"7\t   \n"])
     cfg = load_config(STAGE0, overrides(tmp_path, tiny_models, mlflow_uri, **{
