@@ -50,7 +50,8 @@ class MlflowSection(_Section):
 
 
 class ScalingSection(_Section):
-    num_workers: int = Field(8, ge=1)
+    num_workers: int = Field(8, ge=0, description="Ray Train workers; 0 = Ray Train's local mode: the loop runs in the "
+                                                  "launching process (no worker actors, no restarts; README).")
     use_gpu: bool = True
     cpus_per_worker: float = Field(1.0, gt=0)
     # Logical CPUs of a Ray instance started locally. More than the physical count on purpose: on a
@@ -62,6 +63,15 @@ class ScalingSection(_Section):
     data_cpus: Optional[float] = Field(None, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How Ray places the workers: PACK fills a node first; STRICT_SPREAD one per node.")
+
+    @property
+    def local_mode(self) -> bool:
+        return self.num_workers == 0
+
+    @property
+    def world_size(self) -> int:
+        """Training processes: the workers, or the launching process itself in local mode."""
+        return max(1, self.num_workers)
 
 
 class TrainSection(_Section):
@@ -231,6 +241,9 @@ class Config(_Section):
         """Resolved here once: loss.align_weight None is the paper's weight for the stage (10 / 100; stage 0: 0)."""
         if self.loss.align_weight is None:
             self.loss.align_weight = PAPER_ALIGN_WEIGHT.get(self.stage, 0.0)
+        if self.scaling.local_mode and self.train.max_failures != 0:
+            raise ValueError(f"train.max_failures={self.train.max_failures}: Ray Train's local mode "
+                             "(scaling.num_workers=0) restarts nothing; set it to 0, or train with workers")
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -385,16 +398,3 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     """Load YAML (deviations from the defaults) and apply `dotted.key=value` overrides."""
     return build_config(read_yaml_mapping(path) if path is not None else {}, overrides)
 
-
-def tiny_config(**sections: dict[str, Any]) -> Config:
-    """A preset small enough for CPU tests: one worker, no GPU, few steps; sections override it."""
-    raw: dict[str, Any] = {
-        "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1, "local_num_cpus": 8},
-        "train": {"max_steps": 20, "batch_size_per_worker": 16, "warmup_steps": 5, "lr": 1e-3, "min_lr": 1e-4,
-                  "log_every_steps": 5, "checkpoint_every_steps": 10, "grad_clip_norm": 1.0, "precision": "fp32"},
-        "model": {"num_query_tokens": 4, "contrastive_dim": 32},
-        "data": {"max_txt_len": 24, "shuffle_buffer_rows": 256},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return build_config(raw)

@@ -220,7 +220,7 @@ class ImageTextStage(Stage):
                                                   counter=counter, s3=s3, subset=subset)
         out = {"train": train}
         if cfg.data.val:
-            rows = cfg.data.val_max_batches * cfg.train.batch_size_per_worker * cfg.scaling.num_workers
+            rows = cfg.data.val_max_batches * cfg.train.batch_size_per_worker * cfg.scaling.world_size
             out["val"] = image_text_dataset(cfg.data.val, cfg, train=False, image_size=size, captions=spec,
                                                        counter=counter, count_prefix="val_", s3=s3).limit(rows)
         return out
@@ -266,7 +266,7 @@ class QFormerStage(ImageTextStage):
             raise ConfigError("loss.itc_same_image_positives needs the image ids of data.train shards; a feature cache "
                               "(data.train_features) does not carry them")
         self._check_cache(cfg, s3)
-        if cfg.loss.itm_weight > 0 and cfg.train.batch_size_per_worker * cfg.scaling.num_workers < 2:
+        if cfg.loss.itm_weight > 0 and cfg.train.batch_size_per_worker * cfg.scaling.world_size < 2:
             raise ConfigError("train.batch_size_per_worker: ITM draws negatives from the global batch, which needs "
                               "at least 2 samples")
         return cfg

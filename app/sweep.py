@@ -131,6 +131,9 @@ def check_stage_space(dims: list[Dimension], raw: dict, overrides: list[str]) ->
     """Every candidate value must make a valid stage config, and the stage must use every key."""
     base = build_config(copy.deepcopy(raw), overrides)  # (build_config writes overrides into the mapping)
     stage = get_stage(base.stage)
+    if base.scaling.local_mode:
+        raise ConfigError("scaling.num_workers=0: a stage sweep's trials report through Ray Train callbacks, which "
+                          "Ray Train's local mode does not run; sweep with 1 or more workers")
     for d in dims:
         if d.key in ("stage", "run.name") or d.key.startswith("mlflow."):
             raise ConfigError(f"search space: '{d.key}' cannot be swept (each trial sets its own run name and "
@@ -306,8 +309,8 @@ def run_sweep(dims: list[Dimension], settings: SweepSettings, *, config_path: Op
         resources = dict(ray.cluster_resources())
         if single_host():  # a local instance advertises more logical CPUs than the machine has cores
             resources["CPU"] = min(resources.get("CPU", 1), os.cpu_count() or 1)
-        per_cpus = base.scaling.num_workers * base.scaling.cpus_per_worker
-        per_gpus = base.scaling.num_workers if base.scaling.use_gpu else 0
+        per_cpus = base.scaling.world_size * base.scaling.cpus_per_worker  # (local mode: the trial's own process)
+        per_gpus = base.scaling.world_size if base.scaling.use_gpu else 0
         concurrent = settings.max_concurrent or max_concurrent_trials(resources.get("CPU", 1), resources.get("GPU", 0),
                                                                       per_cpus, per_gpus)
         print(f"[sweep] up to {concurrent} trial(s) at once ({resources.get('CPU', 0):g} CPUs, "

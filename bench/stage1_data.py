@@ -85,7 +85,7 @@ def main() -> int:
 
     import ray
 
-    from app.config import tiny_config
+    from app.models.tiny import tiny_config
     from app.data.captions import CaptionSpec
     from app.data.shards import load_captions_json, make_shards
     from app.demo.assets import prepare_demo_assets

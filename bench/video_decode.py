@@ -106,7 +106,7 @@ def main() -> int:
 
     import ray
 
-    from app.config import tiny_config
+    from app.models.tiny import tiny_config
     from app.data.video import clip_pixels
 
     cfg = tiny_config(data={"num_frames": args.frames})

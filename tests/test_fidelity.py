@@ -461,7 +461,7 @@ def test_qformer_from_bert_gives_dec_a_bert_sized_row(tmp_path, tiny_models):
 
 
 def test_cosine_per_epoch_is_lavis_linear_warmup_cosine_lr():
-    from app.config import tiny_config
+    from app.models.tiny import tiny_config
     from app.train.optim import build_optimizer, build_scheduler, lr_at, set_epoch
 
     kw = dict(lr=1e-4, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=100, max_steps=10_000,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.config import tiny_config
+from app.models.tiny import tiny_config
 from app.data.text import preprocess_text_batch
 from app.data.captions import trim_padding
 from app.stages import PFormerStage

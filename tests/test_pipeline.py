@@ -10,7 +10,7 @@ import pytest
 from app.config import ConfigError
 from app.pipeline import load_pipeline_config
 
-from conftest import ROOT
+from conftest import LOCAL_MODE, ROOT
 
 DEMO = ROOT / "configs" / "demo.yaml"
 
@@ -65,7 +65,7 @@ def test_demo_pipeline_then_real_shards_by_overrides_reusing_the_assets_and_stag
     smaller = ["demo.num_lines=2000", "demo.num_train_images=40", "demo.num_val_images=6", "demo.vision_steps=5",
                "demo.llm_steps=20", "pipeline.eval_limit=4", "pipeline.num_beams=1", "pipeline.max_new_tokens=4",
                "pipeline.min_new_tokens=1", "common.train.batch_size_per_worker=8", "common.train.warmup_steps=1",
-               "common.train.log_every_steps=1", "common.data.val_max_batches=1"]
+               "common.train.log_every_steps=1", "common.data.val_max_batches=1", f"common.{LOCAL_MODE}"]
     for stage in ("stage0", "stage1", "stage2"):
         smaller += [f"{stage}.train.max_steps=2", f"{stage}.train.checkpoint_every_steps=2"]
     assert pipeline.main(["--config", str(DEMO), "--summary", "demo.json", *smaller]) == 0

@@ -125,6 +125,46 @@ def test_two_workers_report_losses_checkpoints_and_mlflow(ray_session, tmp_path,
     assert {"config.yaml", "summary.json"} <= artifacts
 
 
+def test_local_mode_trains_in_this_process_keeps_its_checkpoints_and_resumes(ray_session, tmp_path, tiny_models,
+                                                                             mlflow_uri, capsys):
+    """scaling.num_workers=0 (Ray Train's local mode): the loop runs in the launching process and stores its own
+    checkpoints as Ray Train would (the newest train.num_checkpoints_to_keep), and a relaunch resumes from them."""
+    from app.config import ConfigError
+    from app.train.checkpoint import verify_checkpoint
+
+    corpus = write_corpus(tmp_path / "corpus.tsv", coco_captions(2000))
+    args = overrides(tmp_path, tiny_models, mlflow_uri, **{
+        "data.text": corpus, "scaling.num_workers": 0, "train.batch_size_per_worker": 8, "train.warmup_steps": 1,
+        "train.log_every_steps": 2, "train.checkpoint_every_steps": 2, "train.num_checkpoints_to_keep": 2,
+        "run.name": "local"})
+    run_dir = tmp_path / "ckpt" / "local"
+    first = run_stage(load_config(STAGE0, [*args, "train.max_steps=6"]))
+    out = capsys.readouterr().out
+    assert first["step"] == 6 and first["resumed_from_step"] == 0
+    assert first["checkpoint"] == str(run_dir / "checkpoint_00000006")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_00000004", "checkpoint_00000006"]
+    assert verify_checkpoint(first["checkpoint"])["stage"] == "pformer"
+    # The loop's lines come from this process, not forwarded from a Ray Train worker.
+    assert "[pformer] step 6/6" in out and not any(name in out for name in ("RayTrainWorker", "TrainController"))
+
+    more = run_stage(load_config(STAGE0, [*args, "train.max_steps=8"]))
+    assert more["step"] == 8 and more["resumed_from_step"] == 6 and more["mlflow_run_id"] == first["mlflow_run_id"]
+    assert "resuming from step 6" in capsys.readouterr().out
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_00000006", "checkpoint_00000008"]
+    client = mlflow_client(mlflow_uri)
+    assert history_steps(client, first["mlflow_run_id"], "lm_loss") == [2, 4, 6, 8]
+    assert client.get_run(first["mlflow_run_id"]).info.status == "FINISHED"
+
+    again = run_stage(load_config(STAGE0, [*args, "train.max_steps=8"]))  # nothing left to train
+    assert (again["step"], again["resumed_from_step"], again["checkpoint"]) == (8, 8, more["checkpoint"])
+
+    # Local mode runs no Ray Train callbacks (a stage sweep's trials report through one) and restarts nothing.
+    with pytest.raises(ConfigError, match="runs no Ray Train callbacks"):
+        run_stage(load_config(STAGE0, [*args, "run.name=cb"]), callbacks=[object()])
+    with pytest.raises(ConfigError, match="train.max_failures=1: Ray Train's local mode"):
+        load_config(STAGE0, [*args, "train.max_failures=1"])
+
+
 def test_s3_corpus_and_checkpoints_match_local(ray_session, tmp_path, tiny_models, mlflow_uri, s3_endpoint, s3_bucket):
     corpus = write_corpus(tmp_path / "corpus" / "part-0.tsv", coco_captions(300), bad_lines=[b"1\t\n", b"\xff\t\xfe\n"])
     s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")

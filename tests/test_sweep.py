@@ -99,6 +99,9 @@ def test_space_keys_and_values_are_checked_against_the_stage_before_any_trial(tm
                       ["init_from.pformer=null", "loss.align_weight=0"])  # plain BLIP-2: any prompt length
     with pytest.raises(ConfigError, match="cannot be swept"):
         check_stage_space(parse_space({"run.name": {"choice": ["a", "b"]}}), raw, [])
+    # A stage trial reports to Tune through a Ray Train callback, which local mode would never call.
+    with pytest.raises(ConfigError, match="scaling.num_workers=0: a stage sweep's trials report through Ray Train"):
+        check_stage_space(parse_space({"loss.align_weight": {"grid": [0, 10]}}), raw, ["scaling.num_workers=0"])
     # Pipeline sweeps use the pipeline's keys, checked the same way.
     with pytest.raises(ConfigError, match="stage 'pformer' \\(stage0\\) does not use 'loss.itc_weight'"):
         check_pipeline_space(parse_space({"stage0.loss.itc_weight": {"grid": [0, 1]}}), str(ROOT / "configs" / "demo.yaml"), [])
@@ -133,7 +136,7 @@ def test_align_weight_sweep_on_ray_with_asha_logs_a_parent_and_a_child_per_trial
     args = stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
         "init_from.pformer": pformer_checkpoint["opt"], "data.train": str(flickr_shards),
         "train.max_steps": 8, "train.log_every_steps": 2, "train.checkpoint_every_steps": 8,
-        "train.batch_size_per_worker": 8, "train.warmup_steps": 1})
+        "train.batch_size_per_worker": 8, "train.warmup_steps": 1, "scaling.num_workers": 1})
     summary_path = tmp_path / "sweep.json"
     code = sweep.main(["--config", str(STAGE1_CONFIG), "--space", str(space), "--scheduler", "asha",
                        "--name", "align-sweep", "--out", str(tmp_path / "out"), "--summary", str(summary_path), *args])

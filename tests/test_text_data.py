@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from app.config import tiny_config
+from app.models.tiny import tiny_config
 from app.data.stats import create_counter, read_counts
 from app.data.text import parse_rows, read_corpus, text_dataset
 

@@ -295,7 +295,8 @@ def video_chain(ray_session, tiny_models, tiny_vision, s3_endpoint, shared_data,
     assert done.returncode == 0, done.stderr[-3000:]
     shards = f"s3://{bucket}/msrvtt"
     mlflow_uri = mlflow_store(root / "mlflow.db")
-    common = {"run.storage_path": str(root / "ckpt"), "mlflow.tracking_uri": mlflow_uri, "model.llm": tiny_models["t5"]}
+    common = {"run.storage_path": str(root / "ckpt"), "mlflow.tracking_uri": mlflow_uri, "model.llm": tiny_models["t5"],
+              "scaling.num_workers": 0}  # (local mode: conftest.LOCAL_MODE)
     s3 = {"storage.s3_endpoint": s3_endpoint, "storage.s3_region": "us-east-1"}
 
     def run(name, **items):

@@ -10,11 +10,13 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from transformers import (BertConfig, BertModel, BertTokenizerFast, OPTConfig, OPTForCausalLM,
                           PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration)
+
+from app.config import Config, build_config
 
 READY_FILE = "READY.json"
 RECIPE_VERSION = 3  # bump when the recipe below changes, so cached folders are rebuilt
@@ -204,3 +206,18 @@ def build_tiny_vision(out_dir: str | Path, kind: str = "blip2", image_size: int 
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return str(out_dir)
+
+
+def tiny_config(**sections: dict[str, Any]) -> Config:
+    """A config preset small enough for CPU tests with these models: one worker, no GPU, few steps; sections
+    override it."""
+    raw: dict[str, Any] = {
+        "scaling": {"num_workers": 1, "use_gpu": False, "cpus_per_worker": 1, "local_num_cpus": 8},
+        "train": {"max_steps": 20, "batch_size_per_worker": 16, "warmup_steps": 5, "lr": 1e-3, "min_lr": 1e-4,
+                  "log_every_steps": 5, "checkpoint_every_steps": 10, "grad_clip_norm": 1.0, "precision": "fp32"},
+        "model": {"num_query_tokens": 4, "contrastive_dim": 32},
+        "data": {"max_txt_len": 24, "shuffle_buffer_rows": 256},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return build_config(raw)

@@ -173,6 +173,21 @@ def checkpoint_folders(run_uri: str, s3: Optional[storage.S3Options] = None) -> 
     return [(name, storage_problem(storage.join(run_uri, name), s3)) for name in names]
 
 
+def store_checkpoint(local_dir: str | Path, run_uri: str, name: str, s3: Optional[storage.S3Options], *, keep: int,
+                     leave: set[str]) -> tuple[Any, str]:
+    """What Ray Train does with a reported checkpoint, for its local mode (which keeps none): copy the folder
+    written at `local_dir` to `run_uri/name`, then delete the run's oldest complete checkpoints beyond the
+    newest `keep` (train.num_checkpoints_to_keep), never one named in `leave`. (filesystem, path) of the copy.
+    A copy cut short fails its manifest check and is never resumed from."""
+    uri = storage.join(run_uri, name)
+    storage.upload_dir(local_dir, uri, s3)
+    complete = [n for n, problem in checkpoint_folders(run_uri, s3) if problem is None and n not in leave]
+    for old in complete[keep:]:
+        fs, path = storage.resolve(storage.join(run_uri, old), s3)
+        fs.delete_dir(path)
+    return storage.resolve(uri, s3)
+
+
 def complete_checkpoints(run_uri: str, s3: Optional[storage.S3Options] = None,
                          below: Optional[str] = None) -> list[str]:
     """URIs of the run folder's complete checkpoints, newest first (those named before `below` only);

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager, nullcontext
 from typing import Any, Optional
 
 import pyarrow.fs as pafs
@@ -81,7 +82,7 @@ def oversubscribed_host() -> bool:
     return single_host() and ray.cluster_resources().get("CPU", 0) > (os.cpu_count() or 1)
 
 
-def data_config(cfg: Config, local: bool):
+def ingest_options(cfg: Config, local: bool):
     """Ray Train's ingest options, with Ray Data's CPU budget (see `scaling.data_cpus`). When the job
     started the instance (`local`) or the instance oversubscribes this machine, the budget is the cores the
     trainer leaves: without it Ray Data starts a task process per spare logical CPU, each importing torch
@@ -92,11 +93,39 @@ def data_config(cfg: Config, local: bool):
 
     limit = cfg.scaling.data_cpus
     if limit is None and (local or oversubscribed_host()):
-        limit = max(1.0, (os.cpu_count() or 1) - cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+        limit = max(1.0, (os.cpu_count() or 1) - cfg.scaling.world_size * cfg.scaling.cpus_per_worker)
     options = DataConfig.default_ingest_options()
     if limit is not None:
         options.resource_limits = ExecutionResources.for_limits(cpu=limit)
-    return DataConfig(execution_options=options)
+    return options
+
+
+def data_config(cfg: Config, local: bool):
+    from ray.train import DataConfig
+
+    return DataConfig(execution_options=ingest_options(cfg, local))
+
+
+def local_mode_datasets(datasets: dict, cfg: Config, local: bool) -> dict:
+    """Ray Train's local mode hands the training function the datasets as they are (no DataConfig): each
+    gets the ingest options a worker's shard would have."""
+    for ds in datasets.values():
+        ds.context.execution_options = ingest_options(cfg, local)
+    return datasets
+
+
+@contextmanager
+def torch_threads(count: int):
+    """Local mode trains in this process: as many torch threads as a worker's CPUs (Ray gives a worker
+    process OMP_NUM_THREADS from its CPUs), so the trainer leaves Ray Data the cores a worker would."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -135,6 +164,9 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None, callbacks: Optio
     from app.train.loop import train_loop_per_worker
 
     stage = get_stage(cfg.stage)
+    if cfg.scaling.local_mode and callbacks:
+        raise ConfigError("scaling.num_workers=0: Ray Train's local mode runs no Ray Train callbacks "
+                          f"({', '.join(type(c).__name__ for c in callbacks)}); train with 1 or more workers")
     cfg = resolve_paths(cfg)
     s3 = storage.S3Options.from_config(cfg)
     cfg = stage.validate(cfg, s3)
@@ -161,13 +193,20 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None, callbacks: Optio
         ray.data.DataContext.get_current().enable_operator_progress_bars = False
         counter = create_counter()
         datasets = stage.datasets(cfg, counter, s3)
+        if cfg.scaling.local_mode:  # the training function runs here, in this process
+            datasets = local_mode_datasets(datasets, cfg, local)
+            # Local mode logs every report's metrics dict; the loop's own progress line says the same.
+            logging.getLogger("ray.train.v2._internal.execution.train_fn_utils").setLevel(logging.WARNING)
+            scaling = ScalingConfig(num_workers=0, use_gpu=cfg.scaling.use_gpu)
+        else:
+            scaling = ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                    resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+                                    placement_strategy=cfg.scaling.placement_strategy)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "counter": counter,
                                "has_val": "val" in datasets},
-            scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-                                         placement_strategy=cfg.scaling.placement_strategy),
+            scaling_config=scaling,
             run_config=RunConfig(
                 name=cfg.run.name, storage_path=storage_path,
                 storage_filesystem=storage_fs if storage.is_s3(cfg.run.storage_path) else None,
@@ -178,7 +217,8 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None, callbacks: Optio
             dataset_config=data_config(cfg, local),
         )
         try:
-            result = trainer.fit()
+            with torch_threads(int(cfg.scaling.cpus_per_worker)) if cfg.scaling.local_mode else nullcontext():
+                result = trainer.fit()
         except Exception:
             # A worker stops the run when too many samples are unusable; say so plainly, naming examples.
             problem = stage.limit_skipped and skipped_problem(

@@ -1,4 +1,5 @@
-"""The one training loop, run on every Ray Train worker for every stage.
+"""The one training loop, run on every Ray Train worker for every stage (in Ray Train's local mode,
+`scaling.num_workers=0`, in the launching process, which then stores the checkpoints itself).
 
 Per step: batch from the worker's dataset shard -> stage model returns named losses -> backward ->
 clip -> AdamW -> schedule. Every `log_every_steps` the window means of each loss term (averaged over
@@ -32,7 +33,8 @@ from app.data.stats import DataError, read_counts, read_examples, skipped_proble
 from app.stages import get_stage
 from app.train import dist
 from app.train.checkpoint import (IncompleteCheckpoint, TrainerState, checkpoint_folders, checkpoint_name,
-                                  load_trainable, load_training_state, save_checkpoint, verify_checkpoint)
+                                  load_trainable, load_training_state, save_checkpoint, store_checkpoint,
+                                  verify_checkpoint)
 from app.train.optim import build_optimizer, build_scheduler, set_epoch
 
 logger = logging.getLogger(__name__)
@@ -104,13 +106,13 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 def _restore_complete(checkpoint: Optional[ray.train.Checkpoint], restore, cfg: Config, s3: storage.S3Options,
-                      rank: int) -> tuple[Optional[TrainerState], set[str], bool]:
+                      rank: int) -> tuple[Optional[TrainerState], set[str], bool, str]:
     """Restore the run folder's newest complete checkpoint: Ray Train's latest, or one written after it that
     a failure kept Ray from registering (fewer steps lost; with no registered checkpoint at all, a worker
     killed right after writing the run's first one), or, when the latest is incomplete or damaged, the
     newest complete one before it. Says which it passed over and why; returns the state (None: nothing to
     restore, start afresh), the names of those newer than the one restored (never written to again) and
-    whether it is Ray Train's latest."""
+    whether it is Ray Train's latest, and its name ("" when none)."""
     latest = Path(checkpoint.path).name if checkpoint is not None else ""
     run_uri = storage.join(cfg.run.storage_path, cfg.run.name)
     try:
@@ -136,15 +138,15 @@ def _restore_complete(checkpoint: Optional[ray.train.Checkpoint], restore, cfg: 
         if rank == 0:
             for bad, why in passed_over.items():
                 progress(f"[{cfg.stage}] not resuming from {bad}: {why}")
-            if name > latest:
+            if name > latest and not cfg.scaling.local_mode:  # (local mode registers none)
                 progress(f"[{cfg.stage}] resuming from {name}, written after Ray Train's last registered checkpoint "
                          f"({latest or 'none'})")
-        return state, set(passed_over), name == latest
+        return state, set(passed_over), name == latest, name
     if checkpoint is None:  # only incomplete ones (or none): a fresh start that leaves their names alone
         if rank == 0:
             for bad, why in passed_over.items():
                 progress(f"[{cfg.stage}] not resuming from {bad}: {why}")
-        return None, set(passed_over), False
+        return None, set(passed_over), False, ""
     raise IncompleteCheckpoint(f"{run_uri} holds no complete checkpoint to resume from ({latest}: "
                                f"{passed_over.get(latest)}); start the run afresh under another run.name, or "
                                f"remove {run_uri}")
@@ -185,7 +187,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     # skipped: incomplete checkpoints newer than the one restored, never written to again; registered: the
     # restored checkpoint is one Ray Train knows.
-    restored, skipped, registered = _restore_complete(checkpoint, restore, cfg, s3, rank)
+    restored, skipped, registered, restored_name = _restore_complete(checkpoint, restore, cfg, s3, rank)
+    local_mode = cfg.scaling.local_mode  # this process trains; checkpoints are stored here, not by Ray Train
+    run_uri = storage.join(cfg.run.storage_path, cfg.run.name)
+    registered = registered or (local_mode and restored is not None)
     state = restored or TrainerState()
     if restored is not None and rank == 0:
         progress(f"[{cfg.stage}] resuming from step {state.step} (epoch {state.epoch}, "
@@ -258,13 +263,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                 state=state, config_yaml=config_yaml, manifest=stage.manifest(cfg),
                                 extras=lambda directory: stage.save_extras(model, directory, cfg, s3))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
+                if local_mode:
+                    fs, path = store_checkpoint(tmp, run_uri, dir_name, s3, keep=cfg.train.num_checkpoints_to_keep,
+                                                leave=skipped)
+                    ckpt = ray.train.Checkpoint(path=path, filesystem=fs)
             ray.train.report({**metrics, "resumed_from_step": resumed_from}, checkpoint=ckpt,
                              checkpoint_dir_name=dir_name if save else None)
         if save:
             last_saved = state.step
             if rank == 0:
-                held.log(state.step, {}, tags={"checkpoint_uri": storage.join(cfg.run.storage_path, cfg.run.name,
-                                                                              dir_name)})
+                held.log(state.step, {}, tags={"checkpoint_uri": storage.join(run_uri, dir_name)})
 
     def log_step(metrics: dict[str, float]) -> None:
         losses = " ".join(f"{k}={metrics[k]:.4f}" for k in stage.loss_keys if k in metrics)
@@ -343,6 +351,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     elif not reported:  # nothing to train (no data, or a resumed run that had already finished)
         if rank == 0 and state.step >= cfg.train.max_steps:
             progress(f"[{cfg.stage}] already at step {state.step} of {cfg.train.max_steps}: nothing to do")
-        ray.train.report({"step": state.step, "resumed_from_step": resumed_from})
+        final = None  # Ray Train hands back its latest checkpoint; in local mode, the one restored is it
+        if local_mode and restored_name:
+            fs, path = storage.resolve(storage.join(run_uri, restored_name), s3)
+            final = ray.train.Checkpoint(path=path, filesystem=fs)
+        ray.train.report({"step": state.step, "resumed_from_step": resumed_from}, checkpoint=final)
     if rank == 0:
         held.close(cfg.mlflow.outage_wait_s)
