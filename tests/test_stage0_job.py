@@ -394,6 +394,67 @@ def test_an_s3_outage_during_a_checkpoint_upload_is_waited_out(ray_session, tmp_
         server[0].stop()
 
 
+@pytest.mark.slow
+def test_an_s3_outage_during_an_epochs_reads_is_waited_out(ray_session, tmp_path, tiny_models, mlflow_uri):
+    """The corpus's S3 endpoint (a moto server of its own) stopped for 20 s once the run has logged its first
+    report, then started again on the same port: each epoch reads the corpus anew, and the read that the outage
+    catches is retried until S3 answers (each request by pyarrow's S3 client, storage.s3_max_attempts, and each
+    file by Ray Data, DataContext.retried_io_errors; with storage.s3_max_attempts=1 it survives the same, by
+    Ray Data's retries alone); training waits for it and finishes, every row read and none skipped. (Local mode:
+    Ray Data's read tasks are the same with workers.)"""
+    import threading
+
+    from moto.server import ThreadedMotoServer
+
+    port, = free_ports()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = [ThreadedMotoServer(ip_address="127.0.0.1", port=port)]
+    server[0].start()
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="reads")
+    captions = coco_captions(400)
+    for part in range(4):
+        path = write_corpus(tmp_path / f"part-{part}.tsv", captions[part * 100:(part + 1) * 100])
+        s3.upload_file(str(path), "reads", f"corpus/part-{part}.tsv")
+    client = mlflow_client(mlflow_uri)
+    outage: dict[str, float] = {}
+
+    def cut_and_restore():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not any(
+                run.data.metrics.get("loss") is not None for run in client.search_runs(
+                    [e.experiment_id for e in client.search_experiments()])):
+            time.sleep(0.1)
+        server[0].stop()
+        outage["cut"] = time.time()
+        time.sleep(20)
+        server[0] = ThreadedMotoServer(ip_address="127.0.0.1", port=port)  # moto keeps its buckets in-process
+        server[0].start()
+        outage["back"] = time.time()
+
+    chaos = threading.Thread(target=cut_and_restore, daemon=True)
+    try:
+        chaos.start()
+        # 400 captions in batches of 8: 50 steps an epoch, 8 epochs; an epoch takes about a second here.
+        summary = run_stage(load_config(STAGE0, overrides(tmp_path, tiny_models, mlflow_uri, **{
+            "data.text": "s3://reads/corpus/", "storage.s3_endpoint": endpoint, "run.name": "reads",
+            "scaling.num_workers": 0, "train.max_steps": 400, "train.epochs": 8, "train.batch_size_per_worker": 8,
+            "train.log_every_steps": 5, "train.checkpoint_every_steps": 400})))
+        chaos.join(timeout=300)
+        assert "back" in outage, "the endpoint was not stopped and restarted during the run"
+        assert summary["step"] == 400
+        assert summary["data"].get("rows_read") == 8 * 400 and not any(k.startswith("skipped") and v
+                                                                         for k, v in summary["data"].items())
+        # The outage held training: one report before S3 was back and the next after it, over 10 s apart
+        # (reports 5 steps apart come well under a second apart without an outage).
+        logged = sorted((m.step, m.timestamp / 1000) for m in client.get_metric_history(summary["mlflow_run_id"], "loss"))
+        held = [(a, b) for a, b in zip(logged, logged[1:]) if a[1] < outage["back"] <= b[1] + 1 and b[1] - a[1] > 10]
+        assert held, (outage, logged)
+        assert [step for step, _ in logged] == list(range(5, 401, 5))
+    finally:
+        server[0].stop()
+
+
 def heldout_lm_loss(kind: str, tiny_models: dict, checkpoint=None, batches: int = 4, batch_size: int = 64) -> float:
     """Mean LM loss through the soft prompt on COCO captions no stage-0 test run reads (those after the
     subset), in eval mode: the P-Former as the run initialised it (same seed), or with `checkpoint`'s weights."""
