@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,25 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
 
     def __reduce__(self):
         return RetryingS3FileSystem, (self.options,)
+
+
+# What pyarrow's S3 client says when the endpoint does not answer, or answers that it cannot serve (the errors
+# it retries); a run that still sees one has outlasted storage.s3_max_attempts and Ray Data's own retries.
+S3_UNAVAILABLE = re.compile(r"AWS Error (?:NETWORK_CONNECTION|SERVICE_UNAVAILABLE|INTERNAL_FAILURE|SLOW_DOWN|"
+                            r"UNKNOWN \(HTTP status 5\d\d\))[^\n]*")
+
+
+def s3_unavailable(err: BaseException) -> Optional[str]:
+    """The line of pyarrow's S3 error that says the endpoint was unreachable, found in `err`, its causes and
+    what it carries as text (Ray Train's failure holds the worker's traceback); None when it is not that."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        match = S3_UNAVAILABLE.search(str(err))
+        if match:
+            return match.group(0).strip()
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def s3_filesystem(options: S3Options | None = None) -> pafs.S3FileSystem:

@@ -395,6 +395,58 @@ def test_an_s3_outage_during_a_checkpoint_upload_is_waited_out(ray_session, tmp_
 
 
 @pytest.mark.slow
+def test_an_s3_outage_longer_than_the_retries_stops_with_a_message_and_resumes_on_relaunch(ray_session, tmp_path,
+                                                                                          tiny_models, mlflow_uri):
+    """The checkpoints' S3 endpoint (a moto server of its own) stopped for good once the run's first checkpoint
+    is on it, with storage.s3_max_attempts=1: the run stops with one message naming S3, the retries and how to
+    resume, not a traceback; with S3 back, a relaunch resumes from the newest complete checkpoint and finishes."""
+    import threading
+
+    from moto.server import ThreadedMotoServer
+
+    from app.train.checkpoint import storage_problem
+    from app.train.launcher import StorageOutage
+
+    port, = free_ports()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = [ThreadedMotoServer(ip_address="127.0.0.1", port=port)]
+    server[0].start()
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="gone")
+
+    def cut():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not s3.list_objects_v2(
+                Bucket="gone", Prefix="ckpt/gone/checkpoint_00000010/manifest.json").get("KeyCount"):
+            time.sleep(0.05)
+        server[0].stop()
+
+    args = overrides(tmp_path, tiny_models, mlflow_uri, **{
+        "data.text": write_corpus(tmp_path / "corpus.tsv", coco_captions(1000)), "run.storage_path": "s3://gone/ckpt",
+        "run.name": "gone", "storage.s3_endpoint": endpoint, "storage.s3_max_attempts": 1, "train.max_steps": 40,
+        "train.batch_size_per_worker": 16, "train.log_every_steps": 5, "train.checkpoint_every_steps": 10})
+    chaos = threading.Thread(target=cut, daemon=True)
+    try:
+        chaos.start()
+        with pytest.raises(StorageOutage) as stopped:
+            run_stage(load_config(STAGE0, args))
+        chaos.join(timeout=300)
+        message = str(stopped.value)
+        assert message.startswith(f"S3 at {endpoint} did not answer through every retry (storage.s3_max_attempts=1): "
+                                  "AWS Error NETWORK_CONNECTION"), message
+        assert message.endswith("relaunch with run.name=gone to resume from the newest complete one")
+        assert "\n" not in message and "Traceback" not in message
+        assert stopped.value.exit_code == 2
+        server[0] = ThreadedMotoServer(ip_address="127.0.0.1", port=port)  # moto keeps its buckets in-process
+        server[0].start()
+        summary = run_stage(load_config(STAGE0, args))
+        assert summary["step"] == 40 and summary["resumed_from_step"] >= 10
+        assert storage_problem(summary["checkpoint"], storage.S3Options(endpoint=endpoint)) is None
+    finally:
+        server[0].stop()
+
+
+@pytest.mark.slow
 def test_an_s3_outage_during_an_epochs_reads_is_waited_out(ray_session, tmp_path, tiny_models, mlflow_uri):
     """The corpus's S3 endpoint (a moto server of its own) stopped for 20 s once the run has logged its first
     report, then started again on the same port: each epoch reads the corpus anew, and the read that the outage

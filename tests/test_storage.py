@@ -43,3 +43,24 @@ def test_s3_filesystems_keep_their_retry_settings_when_ray_pickles_them():
         copy = loads(dumps(fs))
         assert type(copy) is storage.RetryingS3FileSystem and copy.options == options
     assert storage.S3Options().max_attempts == 11  # storage.s3_max_attempts' default
+
+
+def test_an_unreachable_s3_endpoint_is_told_from_other_errors():
+    """pyarrow's own error for an endpoint that does not answer (a closed port), found through a chain of
+    exceptions; a missing key or any other error is not an outage."""
+    from conftest import free_ports
+
+    port, = free_ports()
+    fs = storage.s3_filesystem(storage.S3Options(endpoint=f"http://127.0.0.1:{port}", max_attempts=1))
+    try:
+        fs.get_file_info("bucket/key")
+    except OSError as err:
+        refused = err
+    try:
+        raise RuntimeError("the worker group failed") from refused
+    except RuntimeError as err:
+        chained = err
+    found = storage.s3_unavailable(chained)
+    assert found.startswith("AWS Error NETWORK_CONNECTION during HeadObject operation") and "\n" not in found
+    assert storage.s3_unavailable(FileNotFoundError("s3://b/k: no such key")) is None
+    assert storage.s3_unavailable(ValueError("AWS Error ACCESS_DENIED during GetObject operation")) is None

@@ -18,10 +18,15 @@ import ray.data
 
 from app import storage, tracking
 from app.config import Config, ConfigError
+from app.errors import UserError
 from app.data.stats import DataError, create_counter, read_counts, read_examples, skipped_problem
 from app.stages import get_stage
 
 logger = logging.getLogger(__name__)
+
+
+class StorageOutage(UserError, RuntimeError):
+    """Object storage stopped answering for longer than the retries wait; the message says how to resume."""
 
 
 # A local instance is one machine that nobody drains: Ray Train's preemption watcher (one more actor process
@@ -219,12 +224,19 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None, callbacks: Optio
         try:
             with torch_threads(int(cfg.scaling.cpus_per_worker)) if cfg.scaling.local_mode else nullcontext():
                 result = trainer.fit()
-        except Exception:
+        except Exception as err:
             # A worker stops the run when too many samples are unusable; say so plainly, naming examples.
             problem = stage.limit_skipped and skipped_problem(
                 read_counts(counter), cfg.data.max_skipped_fraction, read_examples(counter), final=True)
             if problem:
                 raise DataError(problem) from None
+            outage = storage.s3_unavailable(err)
+            if outage:
+                raise StorageOutage(
+                    f"S3 at {s3.resolved_endpoint() or 'AWS'} did not answer through every retry "
+                    f"(storage.s3_max_attempts={cfg.storage.s3_max_attempts}): {outage}. Checkpoints cut short are "
+                    f"never resumed from: once S3 answers, relaunch with run.name={cfg.run.name} to resume from the "
+                    "newest complete one") from None
             raise
         counts = read_counts(counter)
         metrics = dict(result.metrics or {})
