@@ -332,41 +332,61 @@ def test_a_tracking_server_outage_holds_the_reports_and_sends_them_when_it_retur
         server[0].wait()
 
 
+class OutageS3:
+    """A moto S3 server of a test's own on a fixed port on 127.0.0.1, stopped and started again on that port
+    (moto keeps its buckets in the test process, so they survive)."""
+
+    def __init__(self):
+        self.port, = free_ports()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.times: dict[str, float] = {}
+        self.start()
+        self.client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def cut_when(self, ready, seconds: float | None):
+        """A started thread that waits (bounded) until `ready()`, stops the server and, unless `seconds` is
+        None, starts it again that many seconds later; wall times in `times["cut"]` and `times["back"]`."""
+        import threading
+
+        def run():
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not ready():
+                time.sleep(0.05)
+            self.stop()
+            self.times["cut"] = time.time()
+            if seconds is not None:
+                time.sleep(seconds)
+                self.start()
+                self.times["back"] = time.time()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+
 @pytest.mark.slow
 def test_an_s3_outage_during_a_checkpoint_upload_is_waited_out(ray_session, tmp_path, tiny_models, mlflow_uri):
     """The S3 endpoint (a moto server of its own) stopped for 20 s once the run's first checkpoint is on it,
     then started again on the same port with the same buckets: the upload that the outage catches is retried
     (storage.s3_max_attempts) until S3 answers, the run finishes, and every checkpoint is complete."""
-    import threading
-
-    from moto.server import ThreadedMotoServer
-
     from app.train.checkpoint import storage_problem
 
-    port, = free_ports()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = [ThreadedMotoServer(ip_address="127.0.0.1", port=port)]
-    server[0].start()
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    moto = OutageS3()
+    endpoint, s3, outage = moto.endpoint, moto.client, moto.times
     s3.create_bucket(Bucket="outage")
     s3.upload_file(str(write_corpus(tmp_path / "part-0.tsv", coco_captions(400))), "outage", "corpus/part-0.tsv")
-    outage: dict[str, float] = {}
-
-    def cut_and_restore():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not s3.list_objects_v2(
-                Bucket="outage", Prefix="ckpt/outage/checkpoint_00000010/").get("KeyCount"):
-            time.sleep(0.05)
-        server[0].stop()
-        outage["cut"] = time.time()
-        time.sleep(20)
-        server[0] = ThreadedMotoServer(ip_address="127.0.0.1", port=port)  # moto keeps its buckets in-process
-        server[0].start()
-        outage["back"] = time.time()
-
-    chaos = threading.Thread(target=cut_and_restore, daemon=True)
     try:
-        chaos.start()
+        chaos = moto.cut_when(lambda: s3.list_objects_v2(
+            Bucket="outage", Prefix="ckpt/outage/checkpoint_00000010/").get("KeyCount"), seconds=20)
         summary = run_stage(load_config(STAGE0, overrides(tmp_path, tiny_models, mlflow_uri, **{
             "data.text": "s3://outage/corpus/", "run.storage_path": "s3://outage/ckpt", "run.name": "outage",
             "storage.s3_endpoint": endpoint, "train.max_steps": 60, "train.epochs": 100,
@@ -391,7 +411,7 @@ def test_an_s3_outage_during_a_checkpoint_upload_is_waited_out(ray_session, tmp_
         assert held, (outage, logged, written)
         assert history_steps(client, summary["mlflow_run_id"], "loss") == list(range(5, 61, 5))
     finally:
-        server[0].stop()
+        moto.stop()
 
 
 @pytest.mark.slow
@@ -400,34 +420,20 @@ def test_an_s3_outage_longer_than_the_retries_stops_with_a_message_and_resumes_o
     """The checkpoints' S3 endpoint (a moto server of its own) stopped for good once the run's first checkpoint
     is on it, with storage.s3_max_attempts=1: the run stops with one message naming S3, the retries and how to
     resume, not a traceback; with S3 back, a relaunch resumes from the newest complete checkpoint and finishes."""
-    import threading
-
-    from moto.server import ThreadedMotoServer
-
     from app.train.checkpoint import storage_problem
     from app.train.launcher import StorageOutage
 
-    port, = free_ports()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = [ThreadedMotoServer(ip_address="127.0.0.1", port=port)]
-    server[0].start()
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    moto = OutageS3()
+    endpoint, s3 = moto.endpoint, moto.client
     s3.create_bucket(Bucket="gone")
-
-    def cut():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not s3.list_objects_v2(
-                Bucket="gone", Prefix="ckpt/gone/checkpoint_00000010/manifest.json").get("KeyCount"):
-            time.sleep(0.05)
-        server[0].stop()
 
     args = overrides(tmp_path, tiny_models, mlflow_uri, **{
         "data.text": write_corpus(tmp_path / "corpus.tsv", coco_captions(1000)), "run.storage_path": "s3://gone/ckpt",
         "run.name": "gone", "storage.s3_endpoint": endpoint, "storage.s3_max_attempts": 1, "train.max_steps": 40,
         "train.batch_size_per_worker": 16, "train.log_every_steps": 5, "train.checkpoint_every_steps": 10})
-    chaos = threading.Thread(target=cut, daemon=True)
     try:
-        chaos.start()
+        chaos = moto.cut_when(lambda: s3.list_objects_v2(
+            Bucket="gone", Prefix="ckpt/gone/checkpoint_00000010/manifest.json").get("KeyCount"), seconds=None)
         with pytest.raises(StorageOutage) as stopped:
             run_stage(load_config(STAGE0, args))
         chaos.join(timeout=300)
@@ -437,13 +443,12 @@ def test_an_s3_outage_longer_than_the_retries_stops_with_a_message_and_resumes_o
         assert message.endswith("relaunch with run.name=gone to resume from the newest complete one")
         assert "\n" not in message and "Traceback" not in message
         assert stopped.value.exit_code == 2
-        server[0] = ThreadedMotoServer(ip_address="127.0.0.1", port=port)  # moto keeps its buckets in-process
-        server[0].start()
+        moto.start()
         summary = run_stage(load_config(STAGE0, args))
         assert summary["step"] == 40 and summary["resumed_from_step"] >= 10
         assert storage_problem(summary["checkpoint"], storage.S3Options(endpoint=endpoint)) is None
     finally:
-        server[0].stop()
+        moto.stop()
 
 
 @pytest.mark.slow
@@ -454,39 +459,17 @@ def test_an_s3_outage_during_an_epochs_reads_is_waited_out(ray_session, tmp_path
     file by Ray Data, DataContext.retried_io_errors; with storage.s3_max_attempts=1 it survives the same, by
     Ray Data's retries alone); training waits for it and finishes, every row read and none skipped. (Local mode:
     Ray Data's read tasks are the same with workers.)"""
-    import threading
-
-    from moto.server import ThreadedMotoServer
-
-    port, = free_ports()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = [ThreadedMotoServer(ip_address="127.0.0.1", port=port)]
-    server[0].start()
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    moto = OutageS3()
+    endpoint, s3, outage = moto.endpoint, moto.client, moto.times
     s3.create_bucket(Bucket="reads")
     captions = coco_captions(400)
     for part in range(4):
         path = write_corpus(tmp_path / f"part-{part}.tsv", captions[part * 100:(part + 1) * 100])
         s3.upload_file(str(path), "reads", f"corpus/part-{part}.tsv")
     client = mlflow_client(mlflow_uri)
-    outage: dict[str, float] = {}
-
-    def cut_and_restore():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not any(
-                run.data.metrics.get("loss") is not None for run in client.search_runs(
-                    [e.experiment_id for e in client.search_experiments()])):
-            time.sleep(0.1)
-        server[0].stop()
-        outage["cut"] = time.time()
-        time.sleep(20)
-        server[0] = ThreadedMotoServer(ip_address="127.0.0.1", port=port)  # moto keeps its buckets in-process
-        server[0].start()
-        outage["back"] = time.time()
-
-    chaos = threading.Thread(target=cut_and_restore, daemon=True)
     try:
-        chaos.start()
+        chaos = moto.cut_when(lambda: any(run.data.metrics.get("loss") is not None for run in client.search_runs(
+            [e.experiment_id for e in client.search_experiments()])), seconds=20)
         # 400 captions in batches of 8: 50 steps an epoch, 8 epochs; an epoch takes about a second here.
         summary = run_stage(load_config(STAGE0, overrides(tmp_path, tiny_models, mlflow_uri, **{
             "data.text": "s3://reads/corpus/", "storage.s3_endpoint": endpoint, "run.name": "reads",
@@ -504,7 +487,7 @@ def test_an_s3_outage_during_an_epochs_reads_is_waited_out(ray_session, tmp_path
         assert held, (outage, logged)
         assert [step for step, _ in logged] == list(range(5, 401, 5))
     finally:
-        server[0].stop()
+        moto.stop()
 
 
 def heldout_lm_loss(kind: str, tiny_models: dict, checkpoint=None, batches: int = 4, batch_size: int = 64) -> float:
