@@ -18,8 +18,8 @@ import ray.data
 
 from app import storage, tracking
 from app.config import Config, ConfigError
-from app.errors import UserError
 from app.data.stats import DataError, create_counter, read_counts, read_examples, skipped_problem
+from app.errors import UserError
 from app.stages import get_stage
 
 logger = logging.getLogger(__name__)
