@@ -38,7 +38,7 @@ from app.config import Config, ConfigError
 from app.data.feature_cache import (DONE_DIR, IDENTITY_FILE, MANIFEST_FILE, PARTS_DIR, CacheError, identity_mismatch,
                                     run_identity, tensor_bytes)
 from app.data.media import MediaSpec, SkipSample, decode_sample
-from app.data.sources import SCHEMA, iter_tar_samples, parquet_to_rows, shard_files
+from app.data.sources import SCHEMA, iter_tar_samples, parquet_rows, shard_files
 from app.data.text import in_blocks, load_tokenizer, normalise_caption, tokenize
 from app.models.llm import resolve_dtype
 from app.models.pformer import PFormer
@@ -68,7 +68,7 @@ def _parquet_rows(f, shard: str, image_column: str, caption_column: str) -> Iter
     names = parquet.schema_arrow.names
     columns = [image_column, caption_column] + (["key"] if "key" in names else [])
     for batch in parquet.iter_batches(columns=columns):
-        yield from parquet_to_rows(pa.Table.from_batches([batch]), image_column, caption_column, "").to_pylist()
+        yield from parquet_rows(pa.Table.from_batches([batch]), image_column, caption_column, "")
 
 
 class CacheInputSource(FileBasedDatasource):

@@ -132,3 +132,59 @@ def test_parquet_shards_read_like_webdataset(ray_session, tmp_path):
     assert rows[0]["image"] == (FLICKR / "images" / names[0]).read_bytes() and rows[0]["shard"].endswith("part-0.parquet")
     with pytest.raises(ValueError, match="no column"):
         read_image_text(str(tmp_path), caption_column="text")
+
+
+# ---------------------------------------------------------------------------------------------
+# exact mid-epoch resume: sample ids, the epoch's record, the read that skips it
+
+
+def test_an_epoch_record_names_whole_files_and_ranges_of_the_rest():
+    from app.data.progress import EpochProgress, from_ranges, sample_id, skip_plan, to_ranges
+
+    assert to_ranges(np.array([5, 1, 2, 3, 3, 9])) == [[1, 4], [5, 6], [9, 10]]
+    assert from_ranges([[1, 4], [9, 10]]).tolist() == [1, 2, 3, 9]
+    one, two = EpochProgress("d"), EpochProgress("d")
+    one.add(np.array([sample_id(0, r) for r in range(0, 6)] + [sample_id(1, 7)]))
+    two.add(np.array([sample_id(0, r) for r in range(6, 9)] + [sample_id(2, 0), sample_id(2, 1)]))
+    one.merge(two)
+    # file 0: rows 0-8 trained, row 9 unusable, 10 rows -> whole; file 1: row 7 only, its end never read;
+    # file 2: both its rows trained -> whole; file 3: read, never trained on.
+    record = one.record(file_rows={0: 10, 2: 2, 3: 4}, unusable={0: [9], 3: [0]})
+    assert record == {"files": "d", "whole": [0, 2], "rows": {"1": [[7, 8]]}, "samples": 12,
+                      "whole_rows": {"0": 10, "2": 2}}
+    assert skip_plan(record) == {0: "whole", 2: "whole", 1: [[7, 8]]} and skip_plan(None) == {}
+    again = EpochProgress.from_record(record)
+    again.add(np.array([sample_id(1, 8)]))
+    assert again.record({0: 10, 2: 2}, {})["rows"] == {"1": [[7, 9]]} and again.distinct({0: 10, 2: 2}) == 14
+    assert one.record({}, {})["whole"] == []  # no file known to have ended: none whole
+
+
+def test_a_training_read_numbers_its_rows_and_skips_what_the_epoch_trained_on(ray_session, tmp_path):
+    """WebDataset and Parquet shards through the run's data actor: every row has a distinct sample id; an
+    epoch's skip plan leaves whole files unread and drops the listed rows of the others, before decoding."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from app.data.progress import EpochProgress, ROW_BITS, skip_plan
+    from app.data.sources import read_image_text
+    from app.data.stats import create_counter
+
+    captions = json.loads((FLICKR / "captions.json").read_text())
+    names = sorted(captions)[:12]
+    write_tar(tmp_path / "a.tar", [(n.rsplit(".", 1)[0], {"jpg": (FLICKR / "images" / n).read_bytes(),
+                                                          "txt": captions[n][0].encode()}) for n in names[:6]])
+    pq.write_table(pa.table({"key": names[6:], "image": [(FLICKR / "images" / n).read_bytes() for n in names[6:]],
+                             "caption": [captions[n][0] for n in names[6:]]}), tmp_path / "b.parquet")
+    counter = create_counter()
+    ds = read_image_text(str(tmp_path), seed=0, plan=counter)
+    rows = ds.take_all()
+    ids = {r["sample_id"]: r["key"] for r in rows}
+    assert len(ids) == 12 and sorted(ids.values()) == sorted(n.rsplit(".", 1)[0] for n in names[:6]) + names[6:]
+    file_rows, _ = ray.get(counter.settled.remote())
+    assert file_rows == {0: 6, 1: 6}  # a.tar, b.parquet: each read to its end
+    trained = EpochProgress(ray.get(counter.files.remote()))
+    trained.add(np.array([i for i in ids if i >> ROW_BITS == 0] + [i for i in ids if i >> ROW_BITS == 1][:2]))
+    ray.get(counter.begin_epoch.remote(0, skip_plan(trained.record(file_rows, {}))))
+    left = {r["sample_id"] for r in ds.take_all()}
+    assert left == {i for i in ids if i >> ROW_BITS == 1} - {int(r) | (1 << ROW_BITS) for r in trained.rows[1][0]}

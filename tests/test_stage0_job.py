@@ -172,8 +172,8 @@ def test_s3_corpus_and_checkpoints_match_local(ray_session, tmp_path, tiny_model
     common = {"train.max_steps": 1000, "train.epochs": 1, "train.batch_size_per_worker": 16,
               "train.log_every_steps": 5, "train.checkpoint_every_steps": 100, "storage.s3_endpoint": s3_endpoint}
 
-    local = run_stage(load_config(STAGE0, overrides(tmp_path, tiny_models, mlflow_uri, **{
-        **common, "data.text": corpus.parent, "run.name": "local"})))
+    local = run_stage(load_config(STAGE0, overrides(tmp_path, tiny_models, mlflow_uri, **{  # in this process
+        **common, "data.text": corpus.parent, "run.name": "local", "scaling.num_workers": 0})))
     remote = run_stage(load_config(STAGE0, overrides(tmp_path, tiny_models, mlflow_uri, **{
         **common, "data.text": f"s3://{s3_bucket}/corpus/", "run.storage_path": f"s3://{s3_bucket}/ckpt",
         "run.name": "remote"})))

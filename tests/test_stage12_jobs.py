@@ -306,14 +306,15 @@ def test_two_workers_gather_across_the_global_batch_and_survive_a_killed_worker(
     """Two DDP workers: ITC over the gathered features, ITM negatives (and caption widths) from both workers.
     One of them SIGKILLed after the first checkpoint (train.max_failures=1): the worker group restarts from the
     newest complete checkpoint, at most one checkpoint interval is trained again, and the MLflow history has
-    each step once."""
+    each step once. The 30 steps are one epoch of the 240 samples (2 x 4 per step): across the restart and
+    the two workers, each sample is trained on exactly once."""
     import signal
     import threading
     import time
 
     from conftest import processes_using
 
-    every, steps = 4, 24
+    every, steps = 4, 30
     run_dir = tmp_path / "ckpt" / "two-workers"
 
     def worker_pids() -> set[int]:
@@ -355,3 +356,36 @@ def test_two_workers_gather_across_the_global_batch_and_survive_a_killed_worker(
     # batch of 4 could not exceed log(4) = 1.39 by much.
     first_itc = history(mlflow_uri, summary["mlflow_run_id"], "itc_loss")[0][1]
     assert first_itc > 1.8, first_itc
+    epoch = trainer_state(summary["checkpoint"])
+    assert epoch["epoch"] == 0 and epoch["consumed"]["whole"] == [0, 1, 2], epoch  # every row of the 3 shards
+    assert epoch["consumed"]["samples"] == 240, epoch  # ... each once
+    assert "samples already trained on are not read again" in out, out[-3000:]
+
+
+def trainer_state(checkpoint: str) -> dict:
+    return json.loads(open(os.path.join(checkpoint, "trainer_state.json")).read())
+
+
+def test_a_mid_epoch_resume_trains_on_each_sample_once_and_reads_only_the_rest(ray_session, pformer_checkpoint,
+                                                                               flickr_shards, tmp_path, tiny_models,
+                                                                               tiny_vision, mlflow_uri, capfd):
+    """A run stopped at step 12 of a 30-step epoch (240 samples, 8 per step) and relaunched: the samples its
+    checkpoint says were trained on are skipped at the read (the relaunch decodes only the 144 others, though
+    the first run had decoded all 240 into its shuffle buffer), and over the epoch each sample is trained on
+    exactly once."""
+    args = {"run.name": "mid-epoch", "data.train": flickr_shards, "init_from.pformer": pformer_checkpoint["opt"],
+            "train.batch_size_per_worker": 8, "train.checkpoint_every_steps": 6, "train.log_every_steps": 6}
+    first = run_stage(load_config(STAGE1, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **args,
+                                                     **{"train.max_steps": 12})))
+    stopped = trainer_state(first["checkpoint"])["consumed"]
+    assert first["data"]["rows_read"] == 240 and stopped["samples"] == 96, (first["data"], stopped)
+    assert sum(b - a for ranges in stopped["rows"].values() for a, b in ranges) + sum(
+        stopped["whole_rows"].values()) == 96, stopped  # 96 distinct samples
+    capfd.readouterr()
+    second = run_stage(load_config(STAGE1, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **args,
+                                                      **{"train.max_steps": 30})))
+    out = "".join(capfd.readouterr())
+    assert "resuming from step 12" in out and "the 96 samples already trained on are not read again" in out, out
+    assert second["step"] == 30 and second["data"]["rows_read"] == 144, second["data"]
+    epoch = trainer_state(second["checkpoint"])
+    assert epoch["epoch"] == 0 and epoch["consumed"]["whole"] == [0, 1, 2] and epoch["consumed"]["samples"] == 240

@@ -103,6 +103,7 @@ def preprocess_image_batch(batch: pa.Table, *, media: MediaSpec, captions: Capti
     tokens. Bad samples are counted, not raised.
 
     keep_text: also return `key`, `shard` and the chosen `caption` (evaluation, inspection).
+    In training, rows read with a `sample_id` (`app.data.sources`) keep it; the ids of those dropped go to `counter`.
     image_ids: also return `image_id` (int64), equal for the samples of one image (see `image_id_number`).
     cached: rows of a prompt cache (kind prompts): {column, dtype, shape} of the P-Former outputs kept per
     caption; the chosen caption's output leaves as `pformer_sentence` / `pformer_prompts`.
@@ -116,7 +117,10 @@ def preprocess_image_batch(batch: pa.Table, *, media: MediaSpec, captions: Capti
     counts["rows_kept"] = len(kept_texts)
     if count_prefix:
         counts = Counter({count_prefix + k: v for k, v in counts.items()})
-    report_counts(counter, counts, examples)
+    numbered = media.train and bool(rows) and all(r.get("sample_id") is not None for r in rows)
+    kept_ids = {id(r) for r in kept_rows}
+    report_counts(counter, counts, examples,
+                  [r["sample_id"] for r in rows if id(r) not in kept_ids] if numbered else None)
 
     if not kept_texts:
         return {}  # an empty batch (Ray Data drops it)
@@ -127,6 +131,8 @@ def preprocess_image_batch(batch: pa.Table, *, media: MediaSpec, captions: Capti
     out.update(tokenize_captions(kept_texts, captions, rng, s3))
     if image_ids:
         out["image_id"] = np.array([image_id_number(r) for r in kept_rows], dtype=np.int64)
+    if numbered:
+        out["sample_id"] = np.array([r["sample_id"] for r in kept_rows], dtype=np.int64)
     if keep_text:
         out["key"] = np.array([r["key"] for r in kept_rows])
         out["shard"] = np.array([r["shard"] for r in kept_rows])
@@ -142,7 +148,8 @@ def image_text_dataset(uri: str, cfg, *, train: bool, image_size: int, captions:
     video = bool(cfg.model.num_frames)
     raw = read_image_text(uri, fmt=cfg.data.image_format, image_column=cfg.data.image_column,
                           caption_column=cfg.data.caption_column, s3=s3, shuffle_files=train, seed=cfg.run.seed,
-                          chunk_rows=VIDEO_CHUNK_ROWS if video else CHUNK_ROWS, subset=subset)
+                          chunk_rows=VIDEO_CHUNK_ROWS if video else CHUNK_ROWS, subset=subset,
+                          plan=counter if train else None)
     # Clips: one batch per read block (VIDEO_CHUNK_ROWS clips). A map_batches with a batch size is never
     # fused with the read before it (Ray's fusion rule for ops that may change the row count); without
     # one, each shard's read and decoding run in one task, and every CPU slot decodes.

@@ -25,10 +25,11 @@ from typing import Iterator, Optional
 
 import pyarrow as pa
 import ray.data
-from ray.data.datasource import FileBasedDatasource
+from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
 
 from app import storage
 from app.data.media import MEDIA_EXTENSIONS
+from app.data.progress import files_digest, from_ranges, sample_id
 from app.data.text import file_order, in_blocks
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ CHUNK_ROWS = 256
 VIDEO_CHUNK_ROWS = 8  # clips per block: ~10 MB of frames at 8 x 224 px
 SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("image", pa.binary()),
                     ("captions", pa.list_(pa.string())), ("problem", pa.string()), ("ext", pa.string()),
-                    ("image_id", pa.string())])
+                    ("image_id", pa.string()), ("sample_id", pa.int64())])
 
 
 def shard_files(uri: str, fmt: str = "auto", s3: storage.S3Options | None = None):
@@ -136,22 +137,100 @@ def _table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
-class WebDatasetSource(FileBasedDatasource):
-    """Streams WebDataset tar shards as raw sample rows (bytes undecoded), CHUNK_ROWS per block."""
+class _ShardSource(FileBasedDatasource):
+    """A shard reader whose rows carry a `sample_id` (`app.data.progress`). Given the run's data actor
+    (`plan`), it is a training read: it orders its files by (run seed, epoch), skips what the epoch's
+    skip plan names before anything is decoded (whole files unopened), and tells the actor the row count of
+    each file it reads to the end."""
 
-    def __init__(self, paths, *, caption_field: str, uri_prefix: str, chunk_rows: int = CHUNK_ROWS,
-                 pictures: Optional[frozenset] = None, **kwargs):
+    def __init__(self, paths, *, uri_prefix: str, pictures: Optional[frozenset] = None,
+                 file_ids: Optional[dict[str, int]] = None, plan=None, seed: Optional[int] = None, **kwargs):
         super().__init__(paths, **kwargs)
-        self._caption_field = caption_field
         self._uri_prefix = uri_prefix
-        self._chunk_rows = chunk_rows
         self._pictures = pictures
+        self._file_ids = file_ids or {p: i for i, p in enumerate(sorted(paths))}
+        self._plan = plan
+        self._seed = seed
+        self._skips: dict[str, object] = {}
+
+    def get_read_tasks(self, *args, **kwargs):
+        self._skips = {}  # looked up afresh by each execution's read tasks (an epoch's plan)
+        if self._plan is not None and self._shuffle is not None:
+            epoch = ray.get(self._plan.epoch.remote())  # the same order for an epoch in every attempt of the run
+            self._shuffle = FileShuffleConfig(seed=hash((self._seed or 0, epoch)) % 2**32,
+                                              reseed_after_execution=False)
+        return super().get_read_tasks(*args, **kwargs)
+
+    def _skip(self, path: str):
+        if self._plan is None:
+            return None
+        if path not in self._skips:
+            self._skips[path] = ray.get(self._plan.plan_for.remote(self._file_ids[path]))
+        return self._skips[path]
+
+    def _open_input_source(self, filesystem, path: str, **open_args):
+        if self._skip(path) == "whole":
+            return pa.BufferReader(b"")  # trained on in full this epoch: not opened
+        return self._open_file(filesystem, path, **open_args)
+
+    def _open_file(self, filesystem, path: str, **open_args):
+        return super()._open_input_source(filesystem, path, **open_args)
+
+    def _rows(self, f: "pa.NativeFile", path: str) -> Iterator[dict]:
+        raise NotImplementedError
 
     def _read_stream(self, f: "pa.NativeFile", path: str) -> Iterator[pa.Table]:
-        rows = iter_tar_samples(f, self._uri_prefix + path, self._caption_field)
-        if self._pictures is not None:
-            rows = (r for r in rows if picture_name(r) in self._pictures)
-        yield from in_blocks(rows, self._chunk_rows, _table)
+        skip = self._skip(path)
+        if skip == "whole":
+            return
+        dropped = set(from_ranges(skip).tolist()) if skip else set()
+        file_index = self._file_ids[path]
+        counted = {"rows": 0}
+
+        def numbered() -> Iterator[dict]:
+            rows = self._rows(f, path)
+            if self._pictures is not None:
+                rows = (r for r in rows if picture_name(r) in self._pictures)
+            for ordinal, row in enumerate(rows):
+                counted["rows"] = ordinal + 1
+                if ordinal not in dropped:
+                    row["sample_id"] = sample_id(file_index, ordinal)
+                    yield row
+
+        yield from in_blocks(numbered(), self._chunk_rows, _table)
+        if self._plan is not None:
+            ray.get(self._plan.file_read.remote(file_index, counted["rows"]))
+
+
+class WebDatasetSource(_ShardSource):
+    """Streams WebDataset tar shards as raw sample rows (bytes undecoded), CHUNK_ROWS per block."""
+
+    def __init__(self, paths, *, caption_field: str, chunk_rows: int = CHUNK_ROWS, **kwargs):
+        super().__init__(paths, **kwargs)
+        self._caption_field = caption_field
+        self._chunk_rows = chunk_rows
+
+    def _rows(self, f: "pa.NativeFile", path: str) -> Iterator[dict]:
+        return iter_tar_samples(f, self._uri_prefix + path, self._caption_field)
+
+
+class ParquetShardSource(_ShardSource):
+    """Parquet image-text shards as raw sample rows, CHUNK_ROWS per block (see `parquet_to_rows`)."""
+
+    def __init__(self, paths, *, image_column: str, caption_column: str, columns: list[str], **kwargs):
+        super().__init__(paths, **kwargs)
+        self._image_column, self._caption_column, self._columns = image_column, caption_column, columns
+        self._chunk_rows = CHUNK_ROWS
+
+    def _open_file(self, filesystem, path: str, **open_args):
+        return filesystem.open_input_file(path)  # Parquet needs random access (its footer)
+
+    def _rows(self, f: "pa.NativeFile", path: str) -> Iterator[dict]:
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=CHUNK_ROWS, columns=self._columns):
+            yield from parquet_rows(pa.Table.from_batches([batch]), self._image_column, self._caption_column,
+                                    self._uri_prefix + path)
 
 
 def _image_bytes(value) -> Optional[bytes]:
@@ -160,25 +239,22 @@ def _image_bytes(value) -> Optional[bytes]:
     return value if isinstance(value, (bytes, bytearray)) and value else None
 
 
-def parquet_to_rows(batch: pa.Table, image_column: str, caption_column: str, uri_prefix: str,
-                     pictures: Optional[frozenset] = None) -> pa.Table:
+def parquet_rows(batch: pa.Table, image_column: str, caption_column: str, shard: str) -> list[dict]:
+    """Raw sample rows of a batch of one Parquet shard (named `shard`)."""
     n = batch.num_rows
     images = batch.column(image_column).to_pylist()
     captions = batch.column(caption_column).to_pylist()
     keys = batch.column("key").to_pylist() if "key" in batch.column_names else [None] * n
-    paths = batch.column("path").to_pylist() if "path" in batch.column_names else [""] * n
     ids = batch.column("image_id").to_pylist() if "image_id" in batch.column_names else [None] * n
     rows = []
-    for key, path, image, caption, image_id in zip(keys, paths, images, captions, ids):
+    for key, image, caption, image_id in zip(keys, images, captions, ids):
         listed = caption if isinstance(caption, list) else [caption] if isinstance(caption, str) else []
         data = _image_bytes(image)
-        rows.append({"key": str(key) if key is not None else "", "shard": uri_prefix + path, "image": data,
+        rows.append({"key": str(key) if key is not None else "", "shard": shard, "image": data,
                      "captions": [c for c in listed if isinstance(c, str)],
                      "problem": None if data is not None else "no_image", "ext": "",
                      "image_id": str(image_id) if image_id is not None else None})
-    if pictures is not None:
-        rows = [r for r in rows if picture_name(r) in pictures]
-    return _table(rows)
+    return rows
 
 
 def picture_name(row: dict) -> str:
@@ -257,10 +333,12 @@ def first_pictures(uri: str, count: int, fmt: str = "auto", s3: Optional[storage
 
 def read_image_text(uri: str, *, fmt: str = "auto", image_column: str = "image", caption_column: str = "caption",
                     s3: storage.S3Options | None = None, shuffle_files: bool = True, seed: Optional[int] = None,
-                    chunk_rows: int = CHUNK_ROWS, subset: Optional[PictureSubset] = None) -> ray.data.Dataset:
-    """Raw rows `{key, shard, image, captions, problem, ext}` of every shard under `uri` (or, with `subset`,
-    only the samples of its pictures, read from its shard files); WebDataset shards come in blocks of
-    `chunk_rows` samples."""
+                    chunk_rows: int = CHUNK_ROWS, subset: Optional[PictureSubset] = None,
+                    plan=None) -> ray.data.Dataset:
+    """Raw rows `{key, shard, image, captions, problem, ext, image_id, sample_id}` of every shard under `uri`
+    (or, with `subset`, only the samples of its pictures, read from its shard files), in blocks of `chunk_rows`
+    samples (Parquet: CHUNK_ROWS). `plan`: the run's data actor, for a training read that an epoch's progress
+    can resume exactly (see `_ShardSource`); it learns the `files_digest` of the files read."""
     import pyarrow.parquet as pq
 
     fs, by_format = shard_files(uri, fmt, s3)
@@ -269,7 +347,16 @@ def read_image_text(uri: str, *, fmt: str = "auto", image_column: str = "image",
         by_format, pictures = {f: list(p) for f, p in subset.by_format}, subset.pictures
     prefix = "s3://" if storage.is_s3(uri) else ""
     shuffle = file_order(shuffle_files, seed)
+    file_ids = {p: i for i, p in enumerate(sorted(p for ps in by_format.values() for p in ps))}
+    common = dict(uri_prefix=prefix, pictures=pictures, file_ids=file_ids, plan=plan, seed=seed, filesystem=fs,
+                  shuffle=shuffle)
+    if plan is not None:
+        ray.get(plan.set_files.remote(files_digest(file_ids)))
     parts = []
+    # One read task per shard, streaming its samples (a read split into more blocks than files adds a SplitBlocks
+    # step that holds a CPU slot of its own). A map_batches with a batch size is not fused with the read (Ray's
+    # rule for reads, which may change the row count); video runs use none, so their read and decode share one
+    # task (see image_text_dataset).
     for found, paths in sorted(by_format.items()):
         if found == "parquet":
             names = pq.read_schema(paths[0], filesystem=fs).names
@@ -278,19 +365,11 @@ def read_image_text(uri: str, *, fmt: str = "auto", image_column: str = "image",
                 raise ValueError(f"{prefix}{paths[0]} has no column(s) {missing} (columns: {names}); "
                                  f"set data.image_column / data.caption_column")
             columns = [image_column, caption_column] + [c for c in ("key", "image_id") if c in names]
-            ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, shuffle=shuffle).select_columns(
-                columns + ["path"])
-            parts.append(ds.map_batches(parquet_to_rows, batch_format="pyarrow", fn_kwargs=dict(
-                image_column=image_column, caption_column=caption_column, uri_prefix=prefix, pictures=pictures)))
+            source = ParquetShardSource(paths, image_column=image_column, caption_column=caption_column,
+                                        columns=columns, **common)
         else:
-            # One read task per shard, streaming its samples (a read split into more blocks than files adds
-            # a SplitBlocks step that holds a CPU slot of its own). A map_batches with a batch size is not
-            # fused with the read (Ray's rule for reads, which may change the row count); video runs use
-            # none, so their read and decode share one task (see image_text_dataset).
-            parts.append(ray.data.read_datasource(WebDatasetSource(
-                paths, caption_field=caption_column, uri_prefix=prefix, chunk_rows=chunk_rows, filesystem=fs,
-                shuffle=shuffle, pictures=pictures),
-                override_num_blocks=len(paths)))
+            source = WebDatasetSource(paths, caption_field=caption_column, chunk_rows=chunk_rows, **common)
+        parts.append(ray.data.read_datasource(source, override_num_blocks=len(paths)))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 

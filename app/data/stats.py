@@ -12,6 +12,7 @@ from typing import Optional
 
 import ray
 
+from app.data.progress import ROW_BITS, ROW_MASK
 from app.errors import UserError
 
 class DataError(UserError, ValueError):
@@ -25,14 +26,50 @@ MIN_ROWS_FOR_FRACTION = 200
 
 @ray.remote(num_cpus=0)
 class DataCounter:
+    """The run's data actor: counts and examples of skipped rows, and what the training read of the current
+    epoch leaves out (see `app.data.progress`): the epoch (it seeds the file order), the rows already trained
+    on, the row count of each file read to its end and the rows decoding found unusable."""
+
     def __init__(self) -> None:
         self._counts: Counter = Counter()
         self._examples: list[dict[str, str]] = []
+        self._epoch = 0
+        self._files = ""
+        self._plan: dict[int, object] = {}
+        self._file_rows: dict[int, int] = {}
+        self._unusable: dict[int, set[int]] = {}
 
-    def add(self, counts: dict[str, int], examples: Optional[list[dict[str, str]]] = None) -> None:
+    def add(self, counts: dict[str, int], examples: Optional[list[dict[str, str]]] = None,
+            unusable: Optional[list[int]] = None) -> None:
         self._counts.update(counts)
         if examples:
             self._examples.extend(examples[: MAX_EXAMPLES - len(self._examples)])
+        for sample in unusable or ():
+            self._unusable.setdefault(sample >> ROW_BITS, set()).add(sample & ROW_MASK)
+
+    def set_files(self, digest: str) -> None:
+        self._files = digest
+
+    def files(self) -> str:
+        """The `files_digest` of the training read's files ("" when the training data has no sample ids)."""
+        return self._files
+
+    def begin_epoch(self, epoch: int, plan: dict[int, object]) -> None:
+        """Every worker calls this, with the same values, before it reads `epoch`; `plan` is `skip_plan`'s."""
+        self._epoch, self._plan = epoch, plan
+
+    def epoch(self) -> int:
+        return self._epoch
+
+    def plan_for(self, file_index: int):
+        return self._plan.get(file_index)
+
+    def file_read(self, file_index: int, rows: int) -> None:
+        self._file_rows[file_index] = rows
+
+    def settled(self) -> tuple[dict[int, int], dict[int, list[int]]]:
+        """(rows of each file read to its end, unusable rows of each file)."""
+        return dict(self._file_rows), {f: sorted(rows) for f, rows in self._unusable.items()}
 
     def get(self) -> dict[str, int]:
         return dict(self._counts)
@@ -46,10 +83,11 @@ def create_counter() -> "ray.actor.ActorHandle":
 
 
 def report_counts(counter: Optional["ray.actor.ActorHandle"], counts: dict[str, int],
-                  examples: Optional[list[dict[str, str]]] = None) -> None:
-    """Waits for the actor (one round trip per preprocessing batch), so counts are complete once a batch is out."""
+                  examples: Optional[list[dict[str, str]]] = None, unusable: Optional[list[int]] = None) -> None:
+    """Waits for the actor (one round trip per preprocessing batch), so counts are complete once a batch is out.
+    `unusable`: the sample ids of the rows dropped (training reads)."""
     if counter is not None and counts:
-        ray.get(counter.add.remote(dict(counts), examples[:MAX_EXAMPLES] if examples else None))
+        ray.get(counter.add.remote(dict(counts), examples[:MAX_EXAMPLES] if examples else None, unusable or None))
 
 
 def read_counts(counter: Optional["ray.actor.ActorHandle"], timeout_s: float = 10.0) -> dict[str, int]:

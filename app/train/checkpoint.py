@@ -3,7 +3,8 @@
     model.safetensors     trainable weights, keys "<submodule>.<param>" (frozen parts are not copied)
     optimizer.pt          optimiser, scheduler and grad-scaler states (tensors and plain values only: read
                           with torch.load(weights_only=True), so a crafted file cannot run code)
-    trainer_state.json    step, epoch, batches consumed in that epoch
+    trainer_state.json    step, epoch, batches consumed in that epoch and, for image-text shards, which
+                          samples of it (`app.data.progress`)
     config.yaml           the resolved run config
     manifest.json         stage, trainable submodules, URIs of the frozen parts it depends on, and the size
                           and SHA-256 of every other file (written last)
@@ -60,6 +61,7 @@ class TrainerState:
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0  # batches of `epoch` already consumed (mid-epoch resume)
+    consumed: Optional[dict] = None  # the samples of `epoch` trained on (`EpochProgress.record`), if numbered
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -35,6 +35,7 @@ from app.train import dist
 from app.train.checkpoint import (IncompleteCheckpoint, TrainerState, checkpoint_folders, checkpoint_name,
                                   load_trainable, load_training_state, save_checkpoint, store_checkpoint,
                                   verify_checkpoint)
+from app.train.epochs import begin_epoch, epoch_record
 from app.train.optim import build_optimizer, build_scheduler, set_epoch
 
 logger = logging.getLogger(__name__)
@@ -213,6 +214,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None
     last_metrics: dict[str, float] = {}
+    epoch_seen = None  # the samples of this epoch trained on, when the data numbers them (app.data.progress)
     last_saved = state.step if registered else -1  # a restored checkpoint Ray Train knows is not saved again
     reported = False
     config_yaml = cfg.to_yaml()
@@ -256,6 +258,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # before it and trains this step again (not logged twice), where logging after the write would let a
             # kill in between resume past a step MLflow never got.
             log_step(metrics)
+        if save and epoch_seen is not None:  # on every rank: the record gathers what each worker trained on
+            state.consumed = epoch_record(epoch_seen, counter)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if save and rank == 0:
@@ -300,7 +304,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # 3. Epochs over the streamed shard until max_steps.
     while state.epoch < cfg.train.epochs and state.step < cfg.train.max_steps:
         set_epoch(scheduler, state.epoch)
-        skip = state.batches_in_epoch
+        epoch_seen, skip = begin_epoch(cfg.stage, state, counter, rank, progress)
         batches = shard.iter_torch_batches(
             batch_size=cfg.train.batch_size_per_worker, drop_last=True,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows or None,
@@ -308,8 +312,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             prefetch_batches=cfg.data.prefetch_batches)
         finished_epoch = True
         for index, batch in enumerate(batches):
-            if index < skip:  # mid-epoch resume: these batches were trained on before the restart
+            if index < skip:  # mid-epoch resume of unnumbered data: these batches were trained on before
                 continue
+            ids = batch.pop("sample_id", None)
+            if ids is not None and epoch_seen is not None:
+                epoch_seen.add(ids.numpy())
             batch = trim_padding(_to_device(batch, device))
             with autocast:
                 losses = stage.losses(model, batch)
@@ -328,7 +335,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state.step += 1
-            state.batches_in_epoch = index + 1
+            state.batches_in_epoch += 1
             window.add(losses, samples=cfg.train.batch_size_per_worker, tokens=stage.count_tokens(batch))
             if state.step >= cfg.train.max_steps:
                 finished_epoch = False
@@ -339,6 +346,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if finished_epoch:
             state.epoch += 1
             state.batches_in_epoch = 0
+            state.consumed, epoch_seen = None, None
 
     if rank == 0 and state.step < cfg.train.max_steps and state.epoch >= cfg.train.epochs:
         progress(f"[{cfg.stage}] train.epochs={cfg.train.epochs} passes over the data ended the run at step "
