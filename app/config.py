@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 from app.errors import UserError
 
@@ -54,13 +54,12 @@ class ScalingSection(_Section):
                                                   "launching process (no worker actors, no restarts; README).")
     use_gpu: bool = True
     cpus_per_worker: float = Field(1.0, gt=0)
-    # Logical CPUs of a Ray instance started locally. More than the physical count on purpose: on a
-    # 2-core machine the trainer would otherwise take every CPU and starve Ray Data.
-    local_num_cpus: int = Field(8, ge=1)
-    # CPU slots Ray Data may use for the training stream. None: no limit on a cluster; on a Ray instance the
-    # job starts itself, or one whose nodes all run on this machine and advertise more CPUs than it has
-    # cores, the cores left over by the trainer (at least 1), so the extra logical CPUs never oversubscribe it.
-    data_cpus: Optional[float] = Field(None, gt=0)
+    worker_resources: dict[str, PositiveFloat] = Field(default_factory=dict, description="Custom resources per worker "
+                                                       "(not CPU/GPU), e.g. a node type's own, to train on that type.")
+    local_num_cpus: int = Field(8, ge=1, description="Logical CPUs of a Ray instance started locally (more than the "
+                                                     "cores on purpose: the trainer must not starve Ray Data).")
+    data_cpus: Optional[float] = Field(None, gt=0, description="CPU slots of Ray Data's training stream; None: no limit "
+                                       "on a cluster, the cores the trainer leaves on one machine (README).")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How Ray places the workers: PACK fills a node first; STRICT_SPREAD one per node.")
 
@@ -244,10 +243,11 @@ class Config(_Section):
         if self.scaling.local_mode and self.train.max_failures != 0:
             raise ValueError(f"train.max_failures={self.train.max_failures}: Ray Train's local mode "
                              "(scaling.num_workers=0) restarts nothing; set it to 0, or train with workers")
+        if {"CPU", "GPU"} & set(self.scaling.worker_resources):
+            raise ValueError("scaling.worker_resources: set CPU and GPU with scaling.cpus_per_worker / scaling.use_gpu")
         return self
 
-    def flat(self) -> dict[str, Any]:
-        """The resolved config as `{dotted.key: value}` (MLflow params, summaries)."""
+    def flat(self) -> dict[str, Any]:  # the resolved config as {dotted.key: value} (MLflow params, summaries)
         return flatten(self.model_dump(mode="json"))
 
     def to_yaml(self) -> str:

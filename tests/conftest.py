@@ -358,8 +358,8 @@ def processes_using(*markers: str) -> list[str]:
     name their actor, e.g. ray::RayTrainWorker; a Ray head's processes name its temp dir)."""
     import subprocess
 
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in out if any(m in line for m in markers) and "ps -eo" not in line]
+    out = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in out if any(m in line for m in markers) and "ps -eww" not in line]
 
 
 def free_ports(count: int = 1) -> list[int]:

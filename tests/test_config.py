@@ -47,6 +47,8 @@ def test_overrides_are_typed_and_apply():
     ({}, ["train.max_steps=-3"], "train.max_steps: Input should be greater than 0"),
     ({}, ["scaling.num_workers=-1"], "scaling.num_workers: Input should be greater than or equal to 0"),
     ({}, ["scaling.num_workers=0", "train.max_failures=2"], "train.max_failures=2: Ray Train's local mode"),
+    ({}, ["scaling.worker_resources={GPU: 1}"], "scaling.worker_resources: set CPU and GPU with"),
+    ({}, ["scaling.worker_resources={gpu_4x: 0}"], "scaling.worker_resources.gpu_4x: Input should be greater than 0"),
     ({}, ["loss.contrastive_views=3"], "loss.contrastive_views"),
     ({}, ["train.min_lr=1e-2"], "train.min_lr (0.01) must not exceed train.lr"),
     ({}, ["train=5"], "'train' is a section"),

@@ -79,7 +79,12 @@ class DataCounter:
 
 
 def create_counter() -> "ray.actor.ActorHandle":
-    return DataCounter.remote()
+    """On the driver's node: losing a worker node (a spot instance taken back) must not take the run's counts and
+    epoch record with it, as the job itself ends only with the driver."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return DataCounter.options(scheduling_strategy=here).remote()
 
 
 def report_counts(counter: Optional["ray.actor.ActorHandle"], counts: dict[str, int],

@@ -205,7 +205,8 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None, callbacks: Optio
             scaling = ScalingConfig(num_workers=0, use_gpu=cfg.scaling.use_gpu)
         else:
             scaling = ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                    resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+                                    resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
+                                                          **cfg.scaling.worker_resources},
                                     placement_strategy=cfg.scaling.placement_strategy)
         trainer = TorchTrainer(
             train_loop_per_worker,
