@@ -82,7 +82,8 @@ def ray_cluster(tmp_path):
             return nodes[-1]
 
         join("worker")
-        wait_until(lambda: alive_nodes(address, env) == 2, nodes, tmp_path / "ray-worker.log")
+        wait_until(lambda: alive_nodes(address, env) == 2 and accepts_jobs(address, env), nodes,
+                   tmp_path / "ray-worker.log")
         yield {"env": env, "address": address, "temp_dir": temp_dir, "nodes": nodes, "join": join}
     finally:
         for node in reversed(nodes):
@@ -113,6 +114,13 @@ def alive_nodes(address: str, env: dict) -> int:
     except ValueError:  # the dashboard answers before its state API is ready
         return 0
     return sum(isinstance(n, dict) and n.get("state") == "ALIVE" for n in nodes) if isinstance(nodes, list) else 0
+
+
+def accepts_jobs(address: str, env: dict) -> bool:
+    """Whether the head runs jobs yet: its job agent registers a while after the dashboard answers (a submit
+    before that fails with "No available agent to submit job")."""
+    return subprocess.run([RAY, "job", "submit", "--address", address, "--", "true"], env=env, capture_output=True,
+                          timeout=120).returncode == 0
 
 
 def wait_until(condition, nodes: list[subprocess.Popen], log: Path, timeout: float = 180) -> None:
@@ -269,7 +277,8 @@ def test_the_autoscaler_starts_the_gpu_type_replaces_a_lost_node_and_removes_idl
     seen: list[tuple[float, list[str]]] = []  # (seconds since the submit, alive node types) at each change
     killed: dict[str, object] = {}
     try:
-        wait_until(lambda: node_types(address, env) == ["head"], [head], tmp_path / "ray-head.log")
+        wait_until(lambda: node_types(address, env) == ["head"] and accepts_jobs(address, env), [head],
+                   tmp_path / "ray-head.log")
         log = tmp_path / "submit.log"
         started = time.time()
         with log.open("w") as out:

@@ -215,7 +215,7 @@ class WebDatasetSource(_ShardSource):
 
 
 class ParquetShardSource(_ShardSource):
-    """Parquet image-text shards as raw sample rows, CHUNK_ROWS per block (see `parquet_to_rows`)."""
+    """Parquet image-text shards as raw sample rows, CHUNK_ROWS per block (see `parquet_rows`)."""
 
     def __init__(self, paths, *, image_column: str, caption_column: str, columns: list[str], **kwargs):
         super().__init__(paths, **kwargs)

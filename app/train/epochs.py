@@ -3,7 +3,6 @@ when it begins, and the record of the epoch that each checkpoint keeps."""
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import ray
@@ -11,8 +10,6 @@ import torch
 
 from app.data.progress import EpochProgress, skip_plan
 from app.train import dist
-
-logger = logging.getLogger(__name__)
 
 
 def begin_epoch(stage: str, state, counter, rank: int, say) -> tuple[Optional[EpochProgress], int]:
