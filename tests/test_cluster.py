@@ -123,6 +123,20 @@ def accepts_jobs(address: str, env: dict) -> bool:
                           timeout=120).returncode == 0
 
 
+def submit_when_accepted(log: Path, env: dict, args: list[str], timeout: float = 180) -> subprocess.Popen:
+    """`ray job submit ...args`, again while the head answers "No available agent to submit job" (its job agent
+    registers a while after the dashboard answers); the submit that was accepted, still tailing the job."""
+    deadline = time.time() + timeout
+    while True:
+        with log.open("w") as out:
+            submit = subprocess.Popen([RAY, "job", "submit", *args], env=env, stdout=out, stderr=subprocess.STDOUT)
+        while submit.poll() is None and "submitted successfully" not in log.read_text():
+            time.sleep(0.5)
+        if submit.poll() is None or "No available agent" not in log.read_text() or time.time() > deadline:
+            return submit
+        time.sleep(2)
+
+
 def wait_until(condition, nodes: list[subprocess.Popen], log: Path, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -277,21 +291,18 @@ def test_the_autoscaler_starts_the_gpu_type_replaces_a_lost_node_and_removes_idl
     seen: list[tuple[float, list[str]]] = []  # (seconds since the submit, alive node types) at each change
     killed: dict[str, object] = {}
     try:
-        wait_until(lambda: node_types(address, env) == ["head"] and accepts_jobs(address, env), [head],
-                   tmp_path / "ray-head.log")
+        wait_until(lambda: node_types(address, env) == ["head"], [head], tmp_path / "ray-head.log")
         log = tmp_path / "submit.log"
         started = time.time()
-        with log.open("w") as out:
-            submit = subprocess.Popen(
-                # The code by PYTHONPATH, not --working-dir: the fake nodes share one session folder, and a
-                # replacement node's runtime-env agent replaces the unpacked package under the running workers.
-                [RAY, "job", "submit", "--address", address,
-                 "--runtime-env-json", json.dumps({"env_vars": {"PYTHONPATH": str(ROOT)}}), "--",
+        # The code by PYTHONPATH, not --working-dir: the fake nodes share one session folder, and a
+        # replacement node's runtime-env agent replaces the unpacked package under the running workers.
+        submit = submit_when_accepted(log, env, [
+                 "--address", address, "--runtime-env-json", json.dumps({"env_vars": {"PYTHONPATH": str(ROOT)}}), "--",
                  "python", "-m", "jobs.pretrain_pformer", "--config", str(ROOT / "configs" / "tiny" / "stage0.yaml"),
                  "--summary", str(tmp_path / "summary.json"),
                  *stage0_overrides(tmp_path, tiny_models, mlflow_uri, "autoscaled"), "train.max_steps=100",
                  "scaling.num_workers=2", "scaling.placement_strategy=STRICT_SPREAD", "scaling.use_gpu=false",
-                 "scaling.worker_resources={gpu_4x: 1}"], env=env, stdout=out, stderr=subprocess.STDOUT)
+                 "scaling.worker_resources={gpu_4x: 1}"])
         run_dir = tmp_path / "ckpt" / "autoscaled"
 
         def lose_a_node() -> None:
