@@ -285,7 +285,7 @@ def test_the_autoscaler_starts_the_gpu_type_replaces_a_lost_node_and_removes_idl
     env.pop("RAY_ADDRESS", None)
     head = start_node(["--head", f"--port={gcs}", f"--autoscaling-config={config}", "--num-cpus=0",
                        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                       f"--temp-dir={temp_dir}"], env, tmp_path / "ray-head.log")
+                       f"--temp-dir={temp_dir}", *node_ports()], env, tmp_path / "ray-head.log")  # (not the session's)
     address = f"http://127.0.0.1:{dashboard}"
     mlflow_uri = mlflow_store(tmp_path / "mlflow.db")
     seen: list[tuple[float, list[str]]] = []  # (seconds since the submit, alive node types) at each change
