@@ -141,7 +141,7 @@ class _ShardSource(FileBasedDatasource):
     """A shard reader whose rows carry a `sample_id` (`app.data.progress`). Given the run's data actor
     (`plan`), it is a training read: it orders its files by (run seed, epoch), skips what the epoch's
     skip plan names before anything is decoded (whole files unopened), and tells the actor the row count of
-    each file it reads to the end."""
+    each file it reads to the end. Each format's subclass yields its raw rows from `_rows(f, path)`."""
 
     def __init__(self, paths, *, uri_prefix: str, pictures: Optional[frozenset] = None,
                  file_ids: Optional[dict[str, int]] = None, plan=None, seed: Optional[int] = None, **kwargs):
@@ -175,9 +175,6 @@ class _ShardSource(FileBasedDatasource):
 
     def _open_file(self, filesystem, path: str, **open_args):
         return super()._open_input_source(filesystem, path, **open_args)
-
-    def _rows(self, f: "pa.NativeFile", path: str) -> Iterator[dict]:
-        raise NotImplementedError
 
     def _read_stream(self, f: "pa.NativeFile", path: str) -> Iterator[pa.Table]:
         skip = self._skip(path)
