@@ -86,6 +86,14 @@ class TrainSection(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip_norm: Optional[float] = Field(None, gt=0, description="None = no clipping (as the reference).")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Autocast dtype on GPU; CPU runs fp32.")
+    grad_accum_steps: int = Field(
+        1, ge=1, description="Micro-batches per optimiser update (DDP all-reduces on the last only): global batch = "
+                             "workers x batch_size_per_worker x grad_accum_steps; max_steps counts updates. Batch-coupled "
+                             "terms (stage-0 contrastive, stage-1 ITC/ITM negatives) see one micro-batch (README).")
+    compile: bool = Field(False, description="torch.compile the trainable modules (in place; checkpoints unchanged).")
+    fused_adamw: bool = Field(True, description="AdamW's fused kernel when training on CUDA (same update, fewer launches).")
+    tf32: bool = Field(True, description="TF32 for float32 matmuls on Ampere or newer GPUs (the fp32 Q-Former's "
+                                         "matmuls outside autocast); no effect on CPU.")
     log_every_steps: int = Field(50, gt=0)
     checkpoint_every_steps: int = Field(2000, gt=0)
     num_checkpoints_to_keep: int = Field(2, gt=0)
@@ -145,6 +153,13 @@ class ModelSection(_Section):
     num_query_tokens: int = Field(32, gt=0, description="Q: prompt length, independent of data.max_txt_len.")
     llm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Frozen LLM weights dtype; auto = bfloat16 on GPU, float32 on CPU.")
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Attention kernel of every transformers model in training (frozen LLM, vision tower, "
+                            "P-Former, Q-Former): sdpa = torch's scaled_dot_product_attention (fused, less memory), "
+                            "eager = the written-out softmax(QK^T)V of the reference's transformers.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the trained BERT's layer activations in the backward pass (the Q-Former in stages "
+                           "1-2, the P-Former in stage 0): less activation memory for about a third more compute.")
     contrastive_dim: int = Field(256, gt=0)
     temp_init: float = Field(0.07, gt=0)
     vision: str = Field("Salesforce/blip2-opt-2.7b",

@@ -48,7 +48,8 @@ def check_model_path(key: str, value: str, s3: storage.S3Options) -> None:
 COMMON_READS = ("stage", "run", "storage", "mlflow", "scaling", "train", "data.caption_style", "data.max_chars",
                 "data.max_skipped_fraction", "data.max_txt_len", "data.max_words", "data.prefetch_batches",
                 "data.shuffle_buffer_rows", "loss.label_smoothing", "model.contrastive_dim", "model.dropout",
-                "model.llm", "model.llm_dtype", "model.num_query_tokens", "model.pformer", "model.temp_init")
+                "model.attn_implementation", "model.gradient_checkpointing", "model.llm", "model.llm_dtype",
+                "model.num_query_tokens", "model.pformer", "model.temp_init")
 IMAGE_TEXT_READS = ("data.caption_column", "data.horizontal_flip", "data.image_column", "data.image_format",
                     "data.image_size", "data.min_crop_scale", "data.train", "data.train_features",
                     "data.train_pictures", "data.val", "data.val_max_batches", "init_from.pformer", "loss.align_weight",

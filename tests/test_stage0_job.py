@@ -94,7 +94,7 @@ def test_two_workers_report_losses_checkpoints_and_mlflow(ray_session, tmp_path,
     corpus = write_corpus(tmp_path / "corpus.tsv", coco_captions(3000), bad_lines=[b"\xff\xfe\tbroken\n", b"7\t   \n"])
     cfg = load_config(STAGE0, overrides(tmp_path, tiny_models, mlflow_uri, **{
         "data.text": corpus, "scaling.num_workers": 2, "train.max_steps": 20, "train.batch_size_per_worker": 8,
-        "loss.contrastive_views": 2,
+        "loss.contrastive_views": 2, "train.grad_accum_steps": 2,
         "train.log_every_steps": 5, "train.checkpoint_every_steps": 10, "run.name": "two-workers"}))
     summary = run_stage(cfg)
 
@@ -121,6 +121,8 @@ def test_two_workers_report_losses_checkpoints_and_mlflow(ray_session, tmp_path,
     for key in ("lm_loss", "contrastive_loss", "vocab_loss", "lr", "samples_per_s", "tokens_per_s"):
         assert history_steps(client, run.info.run_id, key) == [5, 10, 15, 20], key
     assert run.data.metrics["data_skipped_undecodable"] == 1
+    # 2 workers x 8 x 2 accumulated micro-batches; steps are optimiser updates (20 = max_steps).
+    assert run.data.metrics["global_batch_size"] == 32
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "summary.json"} <= artifacts
 

@@ -1,8 +1,8 @@
 """The one training loop, run on every Ray Train worker for every stage (in Ray Train's local mode,
 `scaling.num_workers=0`, in the launching process, which then stores the checkpoints itself).
 
-Per step: batch from the worker's dataset shard -> stage model returns named losses -> backward ->
-clip -> AdamW -> schedule. Every `log_every_steps` the window means of each loss term (averaged over
+Per step: `train.grad_accum_steps` micro-batches from the worker's dataset shard -> stage model returns named
+losses -> backward (DDP all-reduce on the last micro-batch only) -> clip -> AdamW -> schedule (`app.train.step`). Every `log_every_steps` the window means of each loss term (averaged over
 workers), lr, samples/s and tokens/s are reported to Ray Train and, on rank 0, to MLflow; every
 `checkpoint_every_steps` (and at the end) rank 0 writes a checkpoint. A restarted run (same name,
 or after a worker failure) resumes from the latest checkpoint, mid-epoch included.
@@ -36,13 +36,16 @@ from app.train.checkpoint import (IncompleteCheckpoint, TrainerState, checkpoint
                                   load_trainable, load_training_state, save_checkpoint, store_checkpoint,
                                   verify_checkpoint)
 from app.train.epochs import begin_epoch, epoch_record
+from app.train.levers import apply_levers
 from app.train.optim import build_optimizer, build_scheduler, set_epoch
+from app.train.step import Stepper
 
 logger = logging.getLogger(__name__)
 
 
 class Window:
-    """Sums of each loss term, samples and tokens since the last report (kept on device)."""
+    """Sums of each loss term, micro-batches, samples, tokens and optimiser steps since the last report (kept on
+    device). Loss means are over micro-batches; steps/s counts optimiser updates."""
 
     def __init__(self, keys: list[str], device: torch.device):
         self.keys = keys
@@ -51,15 +54,15 @@ class Window:
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(len(self.keys) + 3, device=self.device, dtype=torch.float64)
+        self.sums = torch.zeros(len(self.keys) + 4, device=self.device, dtype=torch.float64)
         self.start = time.perf_counter()
 
-    def add(self, losses: dict[str, torch.Tensor], samples: int, tokens: torch.Tensor) -> None:
-        """Accumulates on device: nothing here waits for the GPU."""
+    def add(self, losses: dict[str, torch.Tensor], samples: int, tokens: torch.Tensor, step: bool = True) -> None:
+        """Accumulates on device: nothing here waits for the GPU. `step`: this micro-batch completed an update."""
         self.seen.update(k for k in self.keys if k in losses)
         zero = torch.zeros((), device=self.device, dtype=torch.float64)
         values = [losses[k].detach().double() if k in losses else zero for k in self.keys]
-        values += [zero + 1.0, zero + samples, tokens.double()]
+        values += [zero + 1.0, zero + samples, tokens.double(), zero + float(step)]
         self.sums += torch.stack(values)
 
     def reduce(self) -> dict[str, float] | None:
@@ -67,12 +70,12 @@ class Window:
         Every worker must call it (all-reduce)."""
         sums = dist.all_reduce_sum(self.sums.clone()).tolist()
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        steps, samples, tokens = sums[-3:]
-        if steps == 0:
+        batches, samples, tokens, steps = sums[-4:]
+        if batches == 0:
             self.reset()
             return None
         workers = dist.world_size()
-        out = {k: v / steps for k, v in zip(self.keys, sums) if k in self.seen}  # terms with weight 0 are absent
+        out = {k: v / batches for k, v in zip(self.keys, sums) if k in self.seen}  # terms with weight 0 are absent
         out.update(samples_per_s=samples / elapsed, tokens_per_s=tokens / elapsed,
                    steps_per_s=steps / workers / elapsed)
         self.reset()
@@ -176,7 +179,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # 1. Model, optimiser, schedule; weights and state of the latest checkpoint when resuming.
     model = stage.build_model(cfg, s3).to(device)
-    optimizer = build_optimizer(model.trainable_parameters(), cfg.train.lr, cfg.train.weight_decay, cfg.train.betas)
+    levers = apply_levers(model, cfg, device)
+    optimizer = build_optimizer(model.trainable_parameters(), cfg.train.lr, cfg.train.weight_decay, cfg.train.betas,
+                                fused=cfg.train.fused_adamw and use_cuda)
     scheduler = build_scheduler(optimizer, cfg.train)
     scaler = torch.amp.GradScaler("cuda") if use_cuda and cfg.train.precision == "fp16" else None
     def restore(candidate: ray.train.Checkpoint) -> TrainerState:
@@ -193,6 +198,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run_uri = storage.join(cfg.run.storage_path, cfg.run.name)
     registered = registered or (local_mode and restored is not None)
     state = restored or TrainerState()
+    if rank == 0:
+        trainable = sum(p.numel() for p in model.trainable_parameters())
+        progress(f"[{cfg.stage}] {trainable:,} trainable parameters; global batch {cfg.scaling.world_size} worker(s) x "
+                 f"{cfg.train.batch_size_per_worker} x {cfg.train.grad_accum_steps} accumulated = "
+                 f"{cfg.scaling.world_size * cfg.train.batch_size_per_worker * cfg.train.grad_accum_steps}; "
+                 f"{', '.join(levers) or 'no levers'}" + (", fused AdamW" if optimizer.defaults.get("fused") else ""))
     if restored is not None and rank == 0:
         progress(f"[{cfg.stage}] resuming from step {state.step} (epoch {state.epoch}, "
                  f"batch {state.batches_in_epoch})")
@@ -209,7 +220,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
     autocast = (torch.autocast("cuda", dtype=autocast_dtype) if use_cuda and autocast_dtype else nullcontext())
-    params = list(model.trainable_parameters())
+    accum = cfg.train.grad_accum_steps
+    stepper = Stepper(model, stage.losses, optimizer, scheduler, accum_steps=accum,
+                      grad_clip_norm=cfg.train.grad_clip_norm, scaler=scaler, autocast=autocast)
+    global_batch = cfg.scaling.world_size * cfg.train.batch_size_per_worker * accum
     window = Window(list(stage.loss_keys) + ["loss"], device)
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None
@@ -246,7 +260,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         reported = True
         metrics = window.reduce() or last_metrics  # an empty window (data ran out) repeats the last numbers
         metrics.update(step=state.step, epoch=state.epoch, lr=scheduler.get_last_lr()[0],
-                       **_memory_metrics(device))
+                       global_batch_size=global_batch, **_memory_metrics(device))
         if save and val_shard is not None:
             metrics.update(validate())
         if rank == 0 and counter is not None and stage.limit_skipped:
@@ -318,31 +332,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if ids is not None and epoch_seen is not None:
                 epoch_seen.add(ids.numpy())
             batch = trim_padding(_to_device(batch, device))
-            with autocast:
-                losses = stage.losses(model, batch)
-            if scaler is not None:
-                scaler.scale(losses["loss"]).backward()
-                scaler.unscale_(optimizer)
-            else:
-                losses["loss"].backward()
-            if cfg.train.grad_clip_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            losses, stepped = stepper.micro(batch)
+            state.batches_in_epoch += 1  # micro-batches: a resume skips as many (a multiple of grad_accum_steps)
+            window.add(losses, samples=cfg.train.batch_size_per_worker, tokens=stage.count_tokens(batch), step=stepped)
+            if not stepped:
+                continue
             state.step += 1
-            state.batches_in_epoch += 1
-            window.add(losses, samples=cfg.train.batch_size_per_worker, tokens=stage.count_tokens(batch))
             if state.step >= cfg.train.max_steps:
                 finished_epoch = False
                 break
             save = state.step % cfg.train.checkpoint_every_steps == 0
             if save or state.step % cfg.train.log_every_steps == 0:
                 report(save)
+        dropped = stepper.discard() if finished_epoch else 0
+        if dropped and rank == 0:
+            progress(f"[{cfg.stage}] epoch {state.epoch} ended {dropped} micro-batch(es) into an update of "
+                     f"train.grad_accum_steps={accum}: their gradients are dropped")
         if finished_epoch:
             state.epoch += 1
             state.batches_in_epoch = 0

@@ -15,12 +15,14 @@ import torch
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float,
-                    betas: tuple[float, float]) -> torch.optim.AdamW:
+                    betas: tuple[float, float], fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (frozen modules get no optimiser state); fused=True: torch's
+    fused kernel (one launch for all parameters; the same update up to float rounding)."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]  # biases, LayerNorm weights, temperature
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=fused or None)
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_lr: float, warmup_steps: int, max_steps: int,
