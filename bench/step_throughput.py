@@ -2,6 +2,14 @@
 
     python bench/step_throughput.py --size tiny|paper --stage qformer|llm [--cached | --both] [--batch-size N]
                                     [--steps N] [--peak-tflops X]
+    python bench/step_throughput.py --size paper --stage llm --grid [--batch-sizes 64 128] [--no-compile]
+
+--grid measures live and cached, with the levers off and on, at each batch size, with one model, and ends
+with a markdown table. Levers off: eager attention, plain AdamW, no TF32, no compile (the reference's
+setup). On: SDPA attention in every transformers model, fused AdamW (CUDA), TF32 (Ampere+), torch.compile
+of the trainable Q-Former (unless --no-compile). Plus, at the largest batch, the levers with activation
+checkpointing of the Q-Former (memory, not speed). The frozen tower, P-Former and LLM are bf16 on GPU, the
+Q-Former float32 under bf16 autocast, as in training.
 
 What runs: the project's own stage models (`app.models.composites.QFormerPretrain` / `LLMPretrain`, the same
 forward as training) with random weights built from configs, no download, and one AdamW step per batch
@@ -53,8 +61,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "L40S": 362.0,
-                    "V100": 125.0}
+# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' datasheets, matched against the device name
+# in this order (the first key found in it wins: the PCIe and NVL H100s are slower than the SXM one).
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "H100": 989.0, "A100": 312.0,
+                    "RTX A6000": 154.8, "A10G": 125.0, "L40S": 362.0, "L4": 121.0, "V100": 125.0}
 CAPTION_TOKENS = 32
 
 
@@ -190,19 +200,57 @@ def batch(s: Shapes, stage: str, size: int, cached: bool, device: torch.device, 
     return out
 
 
+@dataclass(frozen=True)
+class Levers:
+    attention: str = "sdpa"
+    fused: bool = False
+    tf32: bool = False
+    compile: bool = False
+    checkpointing: bool = False
+
+    @property
+    def name(self) -> str:
+        on = [k for k in ("fused", "tf32", "compile", "checkpointing") if getattr(self, k)]
+        return "+".join([self.attention] + on)
+
+
+OFF = Levers(attention="eager")
+
+
+def set_levers(model, levers: Levers, device: torch.device) -> None:
+    """Apply `levers` to a built model (the project's own functions, as the training loop applies them)."""
+    from app.train.levers import enable_gradient_checkpointing, set_attention
+
+    set_attention(model, levers.attention)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = levers.tf32
+        torch.backends.cudnn.allow_tf32 = levers.tf32
+    bert = model.qformer.bert
+    if levers.checkpointing:
+        enable_gradient_checkpointing(model)
+    elif getattr(bert, "is_gradient_checkpointing", False) or any(
+            getattr(layer, "gradient_checkpointing", False) for layer in bert.encoder.layer):
+        bert.gradient_checkpointing_disable()
+    if not hasattr(model, "_plain_qformer"):
+        model._plain_qformer = model.qformer
+    model.qformer = torch.compile(model._plain_qformer) if levers.compile else model._plain_qformer
+
+
 def measure(s: Shapes, stage: str, cached: bool, size: int, steps: int, warmup: int, device: torch.device,
-            dtype: torch.dtype, model=None) -> tuple[dict, object]:
+            dtype: torch.dtype, model=None, levers: Levers = Levers()) -> tuple[dict, object]:
     from app.losses import stage_losses
 
     model = model or build(s, stage, device, dtype)
+    set_levers(model, levers, device)
     model.train()
     params = list(model.trainable_parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=levers.fused and device.type == "cuda" or None)
     generator = torch.Generator().manual_seed(0)
     batches = [batch(s, stage, size, cached, device, dtype, generator) for _ in range(2)]
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     elapsed = 0.0
     for step in range(warmup + steps):
@@ -225,7 +273,11 @@ def measure(s: Shapes, stage: str, cached: bool, size: int, steps: int, warmup: 
               "flops_share": {k: round(v / sum(flops.values()), 3) for k, v in flops.items()},
               "achieved_tflops": round(rate * sum(flops.values()) / 1e12, 3),
               "peak_memory_gib": round((torch.cuda.max_memory_allocated() if cuda else
-                                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30, 2)}
+                                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30, 2),
+              "levers": levers.name}
+    del optimizer
+    for param in params:
+        param.grad = None
     return result, model
 
 
@@ -241,6 +293,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s for MFU (default: looked up)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--grid", action="store_true", help="live/cached x levers off/on x --batch-sizes; a table")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128], help="--grid's batch sizes")
+    parser.add_argument("--no-compile", action="store_true", help="--grid: the levers without torch.compile")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -250,6 +305,8 @@ def main() -> int:
     size = args.batch_size or (64 if args.size == "paper" else 32)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    if args.grid:
+        return grid(args, shapes, device, dtype, name, peak)
     modes = [False, True] if args.both else [args.cached]
     model, rates = None, {}
     for cached in modes:
@@ -268,6 +325,35 @@ def main() -> int:
                           "encoder_flops_share_live": round((live["vision"] + live["pformer"]) / sum(live.values()), 3),
                           "speed_up_if_encoders_were_free": round(sum(live.values()) / sum(
                               flops_per_sample(shapes, args.stage, True).values()), 3)}), flush=True)
+    return 0
+
+
+def grid(args, shapes: Shapes, device: torch.device, dtype: torch.dtype, name: str, peak) -> int:
+    """Every combination with one model (built once), one JSON line each, then a markdown table."""
+    on = Levers(fused=True, tf32=True, compile=not args.no_compile)
+    plan = [(b, cached, levers) for b in args.batch_sizes for levers in (OFF, on) for cached in (False, True)]
+    plan.append((max(args.batch_sizes), False, Levers(**{**on.__dict__, "checkpointing": True})))
+    model, rows = None, []
+    for size, cached, levers in plan:
+        try:
+            result, model = measure(shapes, args.stage, cached, size, args.steps, args.warmup, device, dtype, model,
+                                    levers)
+        except torch.OutOfMemoryError:
+            result = {"samples_per_s": None, "error": "out of memory", "levers": levers.name}
+            torch.cuda.empty_cache()
+        result.update({"bench": "step_throughput", "size": args.size, "stage": args.stage, "batch_size": size,
+                       "mode": "cached" if cached else "live", "device": name,
+                       "mfu": round(result["achieved_tflops"] / peak, 4) if peak and "achieved_tflops" in result
+                       else None, "torch": torch.__version__})
+        print(json.dumps(result), flush=True)
+        rows.append(result)
+    print(f"\n{args.stage} ({args.size}) on {name}, peak {peak} TFLOP/s dense bf16, {args.steps} timed steps\n")
+    print("| batch | mode | levers | samples/s | step s | peak GiB | TFLOP/s | MFU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        print(f"| {r['batch_size']} | {r['mode']} | {r['levers']} | {r['samples_per_s'] or r.get('error')} | "
+              f"{r.get('step_s', '-')} | {r.get('peak_memory_gib', '-')} | {r.get('achieved_tflops', '-')} | {mfu} |")
     return 0
 
 

@@ -211,7 +211,7 @@ def run_stage(cfg: Config, parent_run_id: Optional[str] = None, callbacks: Optio
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "counter": counter,
-                               "has_val": "val" in datasets},
+                               "has_val": "val" in datasets, "report_windows": bool(callbacks)},
             scaling_config=scaling,
             run_config=RunConfig(
                 name=cfg.run.name, storage_path=storage_path,
