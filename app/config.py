@@ -6,24 +6,21 @@ hold only deviations. Every problem (unknown key, wrong type, impossible value, 
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
-from app.errors import UserError
+from app.overrides import ConfigError, _format_validation_error, _suggest, flatten, parse_override, read_yaml_mapping
+
+__all__ = ["Config", "ConfigError", "build_config", "flatten", "load_config", "moved_key", "parse_override",
+           "read_yaml_mapping", "set_dotted"]
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("pformer", "qformer", "llm")
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration problem; the message names the offending key."""
 
 
 class _Section(BaseModel):
@@ -273,18 +270,6 @@ class Config(_Section):
 # loading
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
-def _suggest(key: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(key, choices, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _check_keys(raw: Any, model: type[BaseModel], prefix: str = "") -> None:
     """Reject unknown keys with the dotted name and a suggestion, before pydantic sees them."""
     if not isinstance(raw, dict):
@@ -298,21 +283,6 @@ def _check_keys(raw: Any, model: type[BaseModel], prefix: str = "") -> None:
         annotation = fields[key].annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             _check_keys(value, annotation, dotted + ".")
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """`a.b=value` -> ("a.b", value parsed as YAML, so 10, 1e-4, true, [1, 2] get their types)."""
-    if "=" not in item:
-        raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
-    key, _, text = item.partition("=")
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override '{item}' has an empty key")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
-    return key, value
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any, model: type[BaseModel] | None = None) -> None:
@@ -339,17 +309,6 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any, model: type[BaseModel
         if not isinstance(node, dict):
             raise ConfigError(f"'{dotted}' must be a mapping")
         model = annotation
-
-
-def _format_validation_error(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int)) or "config"
-        got = e.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{loc}: {msg}{shown}")
-    return "invalid config: " + "; ".join(lines)
 
 
 # Keys that moved (old -> new; old configs and checkpoints still load, with a message): the frame count is the Q-Former's.
@@ -393,20 +352,6 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None 
         return Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err)) from None
-
-
-def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
-    """A YAML file holding a mapping (empty file: {}); ConfigError naming the file otherwise."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {p} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of sections")
-    return raw
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:

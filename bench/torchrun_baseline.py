@@ -33,7 +33,14 @@ import torch.distributed as dist  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
 
 
-class TextBatches(IterableDataset):
+class Epochs(IterableDataset):
+    """An iterable dataset that yields one epoch per iteration (`epoch` set before each; the loader's worker
+    processes, started anew for each iteration, see it)."""
+
+    epoch = 0
+
+
+class TextBatches(Epochs):
     """Stage 0: the corpus's rows, shuffled, in batches tokenized as Ray Data's `text_dataset` does."""
 
     def __init__(self, cfg, batch_size: int, rank: int, world: int, llm_is_encoder_decoder: bool):
@@ -51,24 +58,23 @@ class TextBatches(IterableDataset):
             for path in sorted(paths):
                 with open(path, "rb") as f:
                     rows.extend(parse_rows(_raw_lines(f), fmt, cfg.data.text_column, path))
-        epoch = 0
-        while True:
-            order = np.random.default_rng([cfg.run.seed, epoch]).permutation(len(rows))[shard::shards]
-            for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
-                chosen = [rows[i] for i in order[start:start + self.batch_size]]
-                raw = {"text": np.array([t for t, _ in chosen], dtype=object),
-                       "problem": np.array([p for _, p in chosen], dtype=object)}
-                arrays = preprocess_text_batch(
-                    raw, pformer_tokenizer=cfg.model.pformer, llm_tokenizer=cfg.model.llm,
-                    llm_is_encoder_decoder=self.encoder_decoder, max_chars=cfg.data.max_chars,
-                    max_txt_len=cfg.data.max_txt_len, seed=cfg.run.seed, caption_style=cfg.data.caption_style,
-                    max_words=cfg.data.max_words)
-                if arrays and len(next(iter(arrays.values()))) == self.batch_size:
-                    yield {k: torch.from_numpy(v) for k, v in arrays.items()}
-            epoch += 1
+        epoch = self.epoch
+        # one epoch per iteration of the loader, as a script's `for epoch ...: for batch in loader`
+        order = np.random.default_rng([cfg.run.seed, epoch]).permutation(len(rows))[shard::shards]
+        for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
+            chosen = [rows[i] for i in order[start:start + self.batch_size]]
+            raw = {"text": np.array([t for t, _ in chosen], dtype=object),
+                   "problem": np.array([p for _, p in chosen], dtype=object)}
+            arrays = preprocess_text_batch(
+                raw, pformer_tokenizer=cfg.model.pformer, llm_tokenizer=cfg.model.llm,
+                llm_is_encoder_decoder=self.encoder_decoder, max_chars=cfg.data.max_chars,
+                max_txt_len=cfg.data.max_txt_len, seed=cfg.run.seed, caption_style=cfg.data.caption_style,
+                max_words=cfg.data.max_words)
+            if arrays and len(next(iter(arrays.values()))) == self.batch_size:
+                yield {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
-class ShardBatches(IterableDataset):
+class ShardBatches(Epochs):
     """Stages 1-2: the shards' samples, files in a shuffled order, decoded in batches as `image_text_dataset`."""
 
     def __init__(self, cfg, stage, batch_size: int, rank: int, world: int):
@@ -90,22 +96,21 @@ class ShardBatches(IterableDataset):
         info = get_worker_info()
         shard = self.rank * (info.num_workers if info else 1) + (info.id if info else 0)
         shards = self.world * (info.num_workers if info else 1)
-        epoch, pending = 0, []
-        while True:
-            files = list(self.files)
-            random.Random(self.cfg.run.seed * 1000 + epoch).shuffle(files)
-            for path in files[shard::shards]:
-                with open(path, "rb") as f:
-                    for row in iter_tar_samples(f, path, self.cfg.data.caption_column):
-                        pending.append(row)
-                        if len(pending) == self.batch_size:
-                            out = preprocess_image_batch(pa.Table.from_pylist(pending, schema=SCHEMA),
-                                                         media=self.media, captions=self.captions,
-                                                         seed=self.cfg.run.seed)
-                            pending = []
-                            if out and len(out["pixels"]) == self.batch_size:
-                                yield {k: torch.from_numpy(v) for k, v in out.items()}
-            epoch += 1
+        epoch, pending = self.epoch, []
+        # one epoch per iteration of the loader
+        files = list(self.files)
+        random.Random(self.cfg.run.seed * 1000 + epoch).shuffle(files)
+        for path in files[shard::shards]:
+            with open(path, "rb") as f:
+                for row in iter_tar_samples(f, path, self.cfg.data.caption_column):
+                    pending.append(row)
+                    if len(pending) == self.batch_size:
+                        out = preprocess_image_batch(pa.Table.from_pylist(pending, schema=SCHEMA),
+                                                     media=self.media, captions=self.captions,
+                                                     seed=self.cfg.run.seed)
+                        pending = []
+                        if out and len(out["pixels"]) == self.batch_size:
+                            yield {k: torch.from_numpy(v) for k, v in out.items()}
 
 
 def main() -> int:
@@ -147,21 +152,26 @@ def main() -> int:
             else ShardBatches(cfg, stage, batch_size, rank, world))
     loader = DataLoader(data, batch_size=None, num_workers=args.loader_workers,
                         prefetch_factor=cfg.data.prefetch_batches if args.loader_workers else None,
-                        persistent_workers=args.loader_workers > 0)
+                        persistent_workers=False)  # (each epoch's iteration starts workers that see data.epoch)
     step, window_start, window = 0, time.perf_counter(), cfg.train.log_every_steps
-    for batch in loader:
-        batch.pop("sample_id", None)
-        _, stepped = stepper.micro(trim_padding(_to_device(batch, device)))
-        if not stepped:
-            continue
-        step += 1
-        if step % window == 0:
-            now = time.perf_counter()
-            if rank == 0:
-                rate = window * batch_size * cfg.train.grad_accum_steps * world / (now - window_start)
-                print(json.dumps({"step": step, "time": round(time.time(), 3), "samples_per_s": round(rate, 2)}),
-                      flush=True)
-            window_start = now
+    for epoch in range(cfg.train.epochs * 1000):  # max_steps ends the run
+        data.epoch = epoch
+        for batch in loader:
+            batch.pop("sample_id", None)
+            _, stepped = stepper.micro(trim_padding(_to_device(batch, device)))
+            if not stepped:
+                continue
+            step += 1
+            if step % window == 0:
+                now = time.perf_counter()
+                if rank == 0:
+                    rate = window * batch_size * cfg.train.grad_accum_steps * world / (now - window_start)
+                    print(json.dumps({"step": step, "time": round(time.time(), 3), "samples_per_s": round(rate, 2)}),
+                          flush=True)
+                window_start = now
+            if step >= cfg.train.max_steps:
+                break
+        stepper.discard()
         if step >= cfg.train.max_steps:
             break
     dist.destroy_process_group()

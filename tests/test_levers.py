@@ -67,6 +67,7 @@ def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    torch.set_num_threads(1)  # two processes on the test machine's cores
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         model = tiny.stage2(llm_dropout=False).train()
@@ -86,6 +87,8 @@ def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
             torch.save({"differ_after_first": differ,
                         "params": {n: p.detach().clone() for n, p in model.qformer.module.named_parameters()
                                    if p.requires_grad}}, out)
+        del stepper, optimizer, model  # DDP's reducer goes before its process group
+        dist.barrier()  # both ranks are done with every collective before either tears the group down
     finally:
         dist.destroy_process_group()
 
@@ -100,9 +103,10 @@ def test_ddp_skips_the_all_reduce_until_the_last_micro_batch_and_matches_one_pro
         if context.join(timeout=5):
             break
     else:
+        codes = [process.exitcode for process in context.processes]
         for process in context.processes:
             process.kill()
-        pytest.fail("the two gloo workers did not finish in 5 minutes")
+        pytest.fail(f"the two gloo workers did not finish in 5 minutes (exit codes {codes})")
     result = torch.load(out)
     assert result["differ_after_first"]
     one = _sgd_update(tiny.stage2(llm_dropout=False).train(), [tiny.batch(8, full=True)], accum=1)
