@@ -2,9 +2,10 @@
 `scaling.num_workers=0`, in the launching process, which then stores the checkpoints itself).
 
 Per step: `train.grad_accum_steps` micro-batches from the worker's dataset shard -> stage model returns named
-losses -> backward (DDP all-reduce on the last micro-batch only) -> clip -> AdamW -> schedule (`app.train.step`). Every `log_every_steps` the window means of each loss term (averaged over
-workers), lr, samples/s and tokens/s are reported to Ray Train and, on rank 0, to MLflow; every
-`checkpoint_every_steps` (and at the end) rank 0 writes a checkpoint. A restarted run (same name,
+losses -> backward (DDP all-reduce on the last micro-batch only) -> clip -> AdamW -> schedule
+(`app.train.step`). Every `log_every_steps` the window means of each loss term (averaged over workers), lr,
+samples/s and tokens/s go, on rank 0, to MLflow (and to Ray Train when a callback reads them: a sweep); every
+`checkpoint_every_steps` (and at the end) rank 0 writes a checkpoint, reported to Ray Train with the metrics. A restarted run (same name,
 or after a worker failure) resumes from the latest checkpoint, mid-epoch included.
 """
 
