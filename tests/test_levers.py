@@ -223,3 +223,19 @@ def test_compiled_trainable_module_keeps_its_checkpoint_keys_and_trains_the_same
     compile_trainable(compiled)
     assert set(compiled.qformer.state_dict()) == keys  # checkpoints load either way
     _assert_same(_losses_and_grads(plain, batch), _losses_and_grads(compiled, batch), atol=1e-5)
+
+
+def test_the_config_keys_reach_the_model():
+    """What the training loop applies from the config (`apply_levers`, before DDP wraps the trainable modules)."""
+    from app.train.levers import apply_levers
+
+    model = tiny.stage1().train()
+    cfg = build_config(overrides=["model.attn_implementation=eager", "model.gradient_checkpointing=true",
+                                  "train.compile=true"])
+    assert apply_levers(model, cfg, torch.device("cpu")) == ["attention=eager", "gradient_checkpointing", "compile"]
+    assert {m.config._attn_implementation for m in transformers_models(model)} == {"eager"}
+    assert all(layer.gradient_checkpointing for layer in model.qformer.bert.encoder.layer)
+    assert model.qformer._compiled_call_impl is not None  # compiled in place: the frozen parts are not
+    assert model.vision._compiled_call_impl is None
+    defaults = build_config()
+    assert apply_levers(tiny.stage1(), defaults, torch.device("cpu")) == ["attention=sdpa"]  # tf32: CUDA only
