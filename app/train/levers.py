@@ -1,4 +1,4 @@
-"""Speed and memory levers for paper-size models, each behind a config key (README, "Performance levers"):
+"""Speed and memory levers for paper-size models, each behind a config key (README, "Speed and memory on GPUs"):
 the attention kernel of every transformers model (`model.attn_implementation`), activation checkpointing
 of the trained BERT (`model.gradient_checkpointing`), `torch.compile` of the trainable modules
 (`train.compile`), TF32 matmuls on Ampere or newer (`train.tf32`) and AdamW's fused kernel on CUDA
@@ -8,12 +8,8 @@ and the trainable modules keep float32 master weights under `train.precision`'s 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from transformers import PreTrainedModel
-
-logger = logging.getLogger(__name__)
 
 
 def transformers_models(module: torch.nn.Module) -> list[PreTrainedModel]:

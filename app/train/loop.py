@@ -5,7 +5,8 @@ Per step: `train.grad_accum_steps` micro-batches from the worker's dataset shard
 losses -> backward (DDP all-reduce on the last micro-batch only) -> clip -> AdamW -> schedule
 (`app.train.step`). Every `log_every_steps` the window means of each loss term (averaged over workers), lr,
 samples/s and tokens/s go, on rank 0, to MLflow (and to Ray Train when a callback reads them: a sweep); every
-`checkpoint_every_steps` (and at the end) rank 0 writes a checkpoint, reported to Ray Train with the metrics. A restarted run (same name,
+`checkpoint_every_steps` (and at the end) rank 0 writes a checkpoint, reported to Ray Train with the metrics.
+A restarted run (same name,
 or after a worker failure) resumes from the latest checkpoint, mid-epoch included.
 """
 
@@ -203,11 +204,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run_uri = storage.join(cfg.run.storage_path, cfg.run.name)
     registered = registered or (local_mode and restored is not None)
     state = restored or TrainerState()
+    accum = cfg.train.grad_accum_steps
+    global_batch = cfg.scaling.world_size * cfg.train.batch_size_per_worker * accum
     if rank == 0:
         trainable = sum(p.numel() for p in model.trainable_parameters())
         progress(f"[{cfg.stage}] {trainable:,} trainable parameters; global batch {cfg.scaling.world_size} worker(s) x "
-                 f"{cfg.train.batch_size_per_worker} x {cfg.train.grad_accum_steps} accumulated = "
-                 f"{cfg.scaling.world_size * cfg.train.batch_size_per_worker * cfg.train.grad_accum_steps}; "
+                 f"{cfg.train.batch_size_per_worker} x {accum} accumulated = {global_batch}; "
                  f"{', '.join(levers) or 'no levers'}" + (", fused AdamW" if optimizer.defaults.get("fused") else ""))
     if restored is not None and rank == 0:
         progress(f"[{cfg.stage}] resuming from step {state.step} (epoch {state.epoch}, "
@@ -225,10 +227,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
     autocast = (torch.autocast("cuda", dtype=autocast_dtype) if use_cuda and autocast_dtype else nullcontext())
-    accum = cfg.train.grad_accum_steps
     stepper = Stepper(model, stage.losses, optimizer, scheduler, accum_steps=accum,
                       grad_clip_norm=cfg.train.grad_clip_norm, scaler=scaler, autocast=autocast)
-    global_batch = cfg.scaling.world_size * cfg.train.batch_size_per_worker * accum
     window = Window(list(stage.loss_keys) + ["loss"], device)
     shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None
