@@ -325,10 +325,12 @@ def test_two_workers_gather_across_the_global_batch_and_survive_a_killed_worker(
 
     def kill_one_worker():
         deadline = time.monotonic() + 300
-        while not (run_dir / f"checkpoint_{every:08d}" / "manifest.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # Both ranks are found first, so the kill follows the checkpoint without a `ps` in between: the 26 steps
+        # after it take a few seconds only, and a kill that came after the last one would restart nothing.
         while len(workers := sorted(worker_pids() - before)) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)  # both ranks, however `ps` shows them at this moment
+        while not (run_dir / f"checkpoint_{every:08d}" / "manifest.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         killed["workers"] = workers
         killed["newest"] = max(int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*") if (p / "manifest.json").exists())
         os.kill(workers[-1], signal.SIGKILL)
