@@ -312,6 +312,7 @@ def test_two_workers_gather_across_the_global_batch_and_survive_a_killed_worker(
     import threading
     import time
 
+    import ray.train
     from conftest import processes_using
 
     every, steps = 4, 30
@@ -336,13 +337,17 @@ def test_two_workers_gather_across_the_global_batch_and_survive_a_killed_worker(
         os.kill(workers[-1], signal.SIGKILL)
         killed["pid"] = workers[-1]
 
+    class EveryWindow(ray.train.UserCallback):
+        """A callback, as a sweep's: every logging window reaches Ray Train, which takes one report per
+        controller poll, so the 26 steps after the first checkpoint last long enough for the kill to land."""
+
     killer = threading.Thread(target=kill_one_worker, daemon=True)
     killer.start()
     summary = run_stage(load_config(STAGE1, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
         "run.name": "two-workers", "data.train": flickr_shards, "init_from.pformer": pformer_checkpoint["opt"],
         "scaling.num_workers": 2, "train.batch_size_per_worker": 4, "train.max_steps": steps,
         "train.log_every_steps": 2, "train.checkpoint_every_steps": every, "train.max_failures": 1,
-        "train.num_checkpoints_to_keep": 10})))
+        "train.num_checkpoints_to_keep": 10})), callbacks=[EveryWindow()])
     killer.join(timeout=60)
     out = "".join(capfd.readouterr())
     assert len(killed.get("workers", [])) == 2, killed
