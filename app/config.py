@@ -121,6 +121,11 @@ class DataSection(_Section):
     max_txt_len: int = Field(32, gt=1, description="Token budget per caption for every tokenizer.")
     shuffle_buffer_rows: int = Field(10_000, ge=0, description="Local shuffle buffer of the training iterator.")
     prefetch_batches: int = Field(4, ge=1)
+    preserve_order: bool = Field(
+        True, description="Ray Data hands the trainer its rows in the order the (seeded) file order and the read "
+                          "give them, not in the order parallel read and preprocessing tasks finish: with one worker "
+                          "(or local mode) a run repeats with its seed. False = whichever block is ready first "
+                          "(no head-of-line wait; runs then differ in the order of their batches).")
     # image-text shards (stages 1 and 2)
     train: Optional[str] = Field(None, description="Image-text shards (WebDataset .tar or Parquet): folder, glob, or s3:// prefix.")
     val: Optional[str] = Field(None, description="Validation shards; their losses are logged at every checkpoint.")

@@ -282,6 +282,29 @@ def test_bad_shards_train_on_the_good_samples_and_count_the_rest(ray_session, tm
     assert history(mlflow_uri, summary["mlflow_run_id"], "data_skipped_corrupt_image")[-1][1] == 2
 
 
+def test_a_run_repeats_with_its_seed_in_local_mode(ray_session, tmp_path, tiny_models, tiny_vision, mlflow_uri,
+                                                    flickr_shards):
+    """Same seed, same losses at every logged step, to the bit: the file order, Ray Data's order of blocks
+    (data.preserve_order), the shuffle buffer, the per-sample crops, the initialisation and the frozen LLM's
+    dropout are all seeded. Another seed gives other losses. Three shard files are read in parallel, so
+    without preserve_order the batches' order (and so the losses) would depend on which read finished first."""
+    keys = ("itc_loss", "itm_loss", "itg_loss", "loss")
+
+    def losses(name: str, seed: int) -> dict[str, list[tuple[int, float]]]:
+        cfg = load_config(STAGE1, stage_args(tmp_path, tiny_models, tiny_vision, mlflow_uri, **{
+            "run.name": name, "run.seed": seed, "data.train": flickr_shards, "loss.align_weight": 0,
+            "init_from.pformer": "null", "train.max_steps": 6, "train.log_every_steps": 2,
+            "train.batch_size_per_worker": 8, "data.shuffle_buffer_rows": 32, "data.min_crop_scale": 0.5,
+            "data.horizontal_flip": True}))
+        run_id = run_stage(cfg)["mlflow_run_id"]
+        return {key: history(mlflow_uri, run_id, key) for key in keys}
+
+    first, again, other = losses("seed0-a", 0), losses("seed0-b", 0), losses("seed1", 1)
+    assert [step for step, _ in first["loss"]] == [2, 4, 6]
+    assert again == first
+    assert all(a != b for (_, a), (_, b) in zip(first["loss"], other["loss"]))
+
+
 def test_too_many_bad_samples_stop_the_run_naming_shard_and_key(ray_session, tmp_path, tiny_models, tiny_vision,
                                                                 mlflow_uri):
     from app.data.stats import DataError

@@ -4,8 +4,9 @@ cache (`app.data.feature_cache`).
 
 Unusable samples are counted by reason, with a few (shard, key) examples, and dropped, never raised.
 Images leave as uint8 arrays (a quarter of float32's bytes); the vision encoder normalises them on the
-device. Training draws fresh randomness (crops, flips, caption choice) every pass; evaluation is
-deterministic (seeded by the run seed and the batch's keys).
+device. Training draws its randomness (crops, flips, caption choice) from the run seed, the epoch and the
+batch's keys: fresh every epoch, the same in every run with that seed; evaluation's is seeded by the run seed
+and the batch's keys.
 """
 
 from __future__ import annotations
@@ -109,8 +110,13 @@ def preprocess_image_batch(batch: pa.Table, *, media: MediaSpec, captions: Capti
     caption; the chosen caption's output leaves as `pformer_sentence` / `pformer_prompts`.
     """
     rows = batch.to_pylist()
-    rng = (np.random.default_rng() if media.train else
-           np.random.default_rng([seed, zlib.crc32("".join(r["key"] or "" for r in rows).encode())]))
+    # Crops, flips, the caption drawn and T5 splits: seeded by the run seed, the batch's keys and (training) the
+    # epoch the read belongs to, so a run repeats with its seed and each epoch augments afresh. A training read
+    # that does not know its epoch (no data actor) draws unseeded.
+    keys = zlib.crc32("".join(r["key"] or "" for r in rows).encode())
+    epoch = rows[0].get("epoch") if rows else None
+    rng = (np.random.default_rng([seed, epoch, keys]) if media.train and epoch is not None else
+           np.random.default_rng() if media.train else np.random.default_rng([seed, keys]))
     kept = decode_rows(rows, media=media, captions=captions, rng=rng, count_prefix=count_prefix, cached=cached)
     counts, examples = kept.counts, kept.examples
     kept_pixels, kept_texts, kept_rows, kept_vectors = kept.pixels, kept.texts, kept.rows, kept.vectors

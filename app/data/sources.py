@@ -39,7 +39,7 @@ CHUNK_ROWS = 256
 VIDEO_CHUNK_ROWS = 8  # clips per block: ~10 MB of frames at 8 x 224 px
 SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("image", pa.binary()),
                     ("captions", pa.list_(pa.string())), ("problem", pa.string()), ("ext", pa.string()),
-                    ("image_id", pa.string()), ("sample_id", pa.int64())])
+                    ("image_id", pa.string()), ("sample_id", pa.int64()), ("epoch", pa.int32())])
 
 
 def shard_files(uri: str, fmt: str = "auto", s3: storage.S3Options | None = None):
@@ -151,12 +151,14 @@ class _ShardSource(FileBasedDatasource):
         self._file_ids = file_ids or {p: i for i, p in enumerate(sorted(paths))}
         self._plan = plan
         self._seed = seed
+        self._epoch: Optional[int] = None  # a training read's epoch: seeds its samples' augmentation
         self._skips: dict[str, object] = {}
 
     def get_read_tasks(self, *args, **kwargs):
         self._skips = {}  # looked up afresh by each execution's read tasks (an epoch's plan)
         if self._plan is not None and self._shuffle is not None:
             epoch = ray.get(self._plan.epoch.remote())  # the same order for an epoch in every attempt of the run
+            self._epoch = epoch
             self._shuffle = FileShuffleConfig(seed=hash((self._seed or 0, epoch)) % 2**32,
                                               reseed_after_execution=False)
         return super().get_read_tasks(*args, **kwargs)
@@ -192,6 +194,7 @@ class _ShardSource(FileBasedDatasource):
                 counted["rows"] = ordinal + 1
                 if ordinal not in dropped:
                     row["sample_id"] = sample_id(file_index, ordinal)
+                    row["epoch"] = self._epoch
                     yield row
 
         yield from in_blocks(numbered(), self._chunk_rows, _table)

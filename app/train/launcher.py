@@ -100,6 +100,7 @@ def ingest_options(cfg: Config, local: bool):
     if limit is None and (local or oversubscribed_host()):
         limit = max(1.0, (os.cpu_count() or 1) - cfg.scaling.world_size * cfg.scaling.cpus_per_worker)
     options = DataConfig.default_ingest_options()
+    options.preserve_order = cfg.data.preserve_order
     if limit is not None:
         options.resource_limits = ExecutionResources.for_limits(cpu=limit)
     return options
