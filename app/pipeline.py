@@ -20,6 +20,7 @@ import copy
 import json
 import logging
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +28,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app import storage, tracking
+from app.demo import diagnostics as demo_diagnostics
 from app.config import (Config, ConfigError, _suggest, build_config, moved_key, parse_override, read_yaml_mapping,
                         set_dotted)
 from app.demo.assets import DemoAssets
@@ -38,6 +40,7 @@ ARMS = ("pformer", "blip2")
 STAGE_KEYS = {"stage0": "pformer", "stage1": "qformer", "stage2": "llm"}
 TOP_LEVEL = ("pipeline", "common", *STAGE_KEYS, "demo")
 TABLE_METRICS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+VQA_METRIC = "vqa_accuracy"
 
 
 class PipelineSection(BaseModel):
@@ -53,6 +56,16 @@ class PipelineSection(BaseModel):
     min_new_tokens: int = Field(CAPTION_OPTIONS.min_new_tokens, ge=0)
     eval_batch_size: int = Field(32, ge=1)
     random_baseline_seed: int = 0
+    vqa_questions: Optional[str] = Field(None, description="Zero-shot VQA after captioning: VQAv2 questions JSON "
+                                                            "(with vqa_annotations and vqa_images); unset = no VQA.")
+    vqa_annotations: Optional[str] = None
+    vqa_images: Optional[str] = Field(None, description="Folder of the VQA pictures, named by vqa_image_pattern.")
+    vqa_image_pattern: str = "COCO_val2014_{image_id:012d}.jpg"
+    vqa_template: str = "Question: {} Short answer:"
+    vqa_limit: Optional[int] = Field(None, ge=1, description="Score at most this many questions.")
+    vqa_brackets: bool = Field(True, description="Also score the frozen LLM alone on the questions: blind (the "
+                                                 "question only) and, where the annotations carry an "
+                                                 "`oracle_caption`, the true caption as text.")
     stage0_checkpoint: Optional[str] = Field(
         None, description="A finished stage-0 checkpoint (or run folder) for the P-Former arm, used in place of "
                           "training one (e.g. one P-Former for many stage-1/2 runs).")
@@ -156,6 +169,18 @@ def random_caption_baseline(rows: list[dict], seed: int = 0) -> dict[str, Option
     return metrics
 
 
+def vqa_brackets(p: PipelineSection, stage2_cfg: Config) -> dict[str, dict[str, Any]]:
+    """The blind and oracle rows: the frozen LLM of stage 2 on the VQA questions with no picture (the oracle
+    only where the annotations carry `oracle_caption`)."""
+    from app.evaluation.text_only import text_vqa_brackets
+
+    s3 = storage.S3Options.from_config(stage2_cfg)
+    found = text_vqa_brackets(storage.local_model(stage2_cfg.model.llm, s3), storage.read_json(p.vqa_questions, s3),
+                              storage.read_json(p.vqa_annotations, s3), p.vqa_template, limit=p.vqa_limit)
+    labels = {"blind": "blind LLM (question only)", "oracle": "oracle LLM (true caption as text)"}
+    return {labels[name]: metrics for name, metrics in found.items()}
+
+
 def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     client = tracking.client(uri)
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
@@ -197,15 +222,25 @@ def comparison_plot(path: Path, uri: str, results: dict[str, dict], baseline: di
     return path
 
 
-def comparison_table(results: dict[str, dict], baseline: dict[str, Optional[float]]) -> list[dict[str, Any]]:
+def comparison_table(results: dict[str, dict], baseline: dict[str, Optional[float]],
+                     extra: Optional[dict[str, dict[str, Any]]] = None) -> list[dict[str, Any]]:
+    """One row per arm (caption metrics, VQA accuracy when measured, final losses), the random-caption floor,
+    and `extra` rows ({label: metrics}: the caption ceiling, the blind and oracle VQA brackets)."""
+    vqa = any("vqa" in res for res in results.values())
     rows = []
     for arm, res in results.items():
         row = {"arm": arm, **{n: res["eval"]["metrics"].get(n) for n in TABLE_METRICS}}
+        if vqa:
+            row[VQA_METRIC] = res.get("vqa", {}).get("metrics", {}).get(VQA_METRIC)
         row["stage1_loss"] = res["stage1"]["metrics"].get("loss")
         row["stage2_lm_loss"] = res["stage2"]["metrics"].get("lm_loss")
         row["stage2_val_lm_loss"] = res["stage2"]["metrics"].get("val_lm_loss")
         rows.append(row)
-    rows.append({"arm": "random captions", **{n: baseline.get(n) for n in TABLE_METRICS}})
+    for label, metrics in {"random captions": baseline, **(extra or {})}.items():
+        row = {"arm": label, **{n: metrics.get(n) for n in TABLE_METRICS}}
+        if vqa:
+            row[VQA_METRIC] = metrics.get(VQA_METRIC)
+        rows.append({k: row.get(k) for k in rows[0]} if rows else row)
     return rows
 
 
@@ -225,10 +260,14 @@ def run_pipeline(config: PipelineConfig, out_dir: Optional[str] = None, parent_r
     """Run every stage of every arm and the evaluations; returns the summary. `parent_run_id`: MLflow run
     this invocation's run goes under (a sweep's); `params`: logged on the invocation's run (a trial's)."""
     from app.evaluation.inference import InferenceSettings
-    from app.evaluation.tasks import EvalRun, EvalSource, evaluate_captions
+    from app.evaluation.tasks import EvalRun, EvalSource, evaluate_captions, evaluate_vqa
     from app.train.launcher import resolve_paths, run_stage
 
-    p = config.pipeline
+    p = config.pipeline.model_copy()
+    for key in ("vqa_questions", "vqa_annotations", "vqa_images"):  # absolute: Ray's tasks read them elsewhere
+        value = getattr(p, key)
+        if value and not storage.is_s3(value):
+            setattr(p, key, storage.resolve(value)[1])
     started = time.time()
     invocation = f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     base = resolve_paths(config.stage_config("stage0"))
@@ -242,8 +281,11 @@ def run_pipeline(config: PipelineConfig, out_dir: Optional[str] = None, parent_r
         client.log_batch(parent, params=[Param(k, str(v)[:500]) for k, v in sorted(params.items())])
     out = Path(out_dir or Path("outputs") / invocation)
     train_stage0 = "pformer" in p.arms and not p.stage0_checkpoint
-    plan = (["stage0"] if train_stage0 else []) + [f"{arm}:{s}" for arm in p.arms for s in
-                                                          ("stage1", "stage2", "eval")]
+    steps = ("stage1", "stage2", "eval", "vqa") if p.vqa_questions else ("stage1", "stage2", "eval")
+    plan = (["stage0"] if train_stage0 else []) + [f"{arm}:{s}" for arm in p.arms for s in steps]
+    plan += ["brackets"] if p.vqa_questions and p.vqa_brackets else []
+    scenes = demo_diagnostics.split_scenes(p.eval_data or config.stage_config("stage2").data.val,
+                                           config.demo.root if config.demo is not None else None)
     done = 0
 
     def progress(label: str) -> None:
@@ -290,8 +332,24 @@ def run_pipeline(config: PipelineConfig, out_dir: Optional[str] = None, parent_r
             rows_for_baseline = rows_for_baseline or evaluation.pop("rows", [])
             evaluation.pop("rows", None)
             results[arm] = {"stage1": stage1, "stage2": stage2, "eval": evaluation}
+            if scenes is not None:
+                evaluation["attributes"] = demo_diagnostics.caption_attributes_report(
+                    json.loads((out / arm / "results.json").read_text()), scenes)
+            if p.vqa_questions:
+                progress(f"{arm}: zero-shot VQA")
+                results[arm]["vqa"] = evaluate_vqa(
+                    EvalRun(**{**vars(run), "out_dir": str(out / arm / "vqa"), "keep_rows": False}),
+                    EvalSource(questions=p.vqa_questions, annotations=p.vqa_annotations, images=p.vqa_images,
+                               image_pattern=p.vqa_image_pattern, limit=p.vqa_limit), template=p.vqa_template)
         baseline = random_caption_baseline(rows_for_baseline, p.random_baseline_seed)
-        table = comparison_table(results, baseline)
+        extra = {}
+        if scenes is not None:
+            extra["grammar captions (ceiling)"] = demo_diagnostics.grammar_ceiling(
+                scenes, {r["id"]: r["references"] for r in rows_for_baseline}, p.random_baseline_seed)
+        if p.vqa_questions and p.vqa_brackets:
+            progress("VQA brackets: the frozen LLM alone, blind and with the true caption")
+            extra.update(vqa_brackets(p, stage2_cfg))
+        table = comparison_table(results, baseline, extra)
         text = format_table(table)
         out.mkdir(parents=True, exist_ok=True)
         files = [comparison_plot(out / "comparison.png", uri, results, baseline,
@@ -302,7 +360,7 @@ def run_pipeline(config: PipelineConfig, out_dir: Optional[str] = None, parent_r
         for path in files:
             client.log_artifact(parent, str(path))
         for row in table:
-            slug = row["arm"].replace(" ", "_")
+            slug = re.sub(r"[^a-z0-9]+", "_", row["arm"].lower()).strip("_")  # MLflow's metric-name alphabet
             tracking.log_metrics(uri, parent, {f"{slug}_{k}": v for k, v in row.items()
                                                if k != "arm" and isinstance(v, (int, float))}, step=0)
         summary = {"parent_run_id": parent, "tracking_uri": uri, "invocation": invocation,
@@ -314,7 +372,8 @@ def run_pipeline(config: PipelineConfig, out_dir: Optional[str] = None, parent_r
     finally:
         tracking.end_run(uri, parent, status)
     print(f"[pipeline] done in {summary['seconds']:.0f} s; comparison (caption metrics on "
-          f"{p.eval_data or 'the validation images'}):")
+          f"{p.eval_data or 'the validation images'}" + (f"; zero-shot VQA accuracy on {p.vqa_questions}" if
+                                                        p.vqa_questions else "") + "):")
     print(text)
     print(f"[pipeline] outputs in {out}; browse the runs: {tracking.ui_command(uri, experiment)}")
     return summary

@@ -204,6 +204,33 @@ def test_vqa_end_to_end_in_the_vqav2_layout(ray_session, chains, tmp_path):
     assert sorted(r["question_id"] for r in results) == sorted(q["question_id"] for q in questions)
 
 
+def test_the_demo_s_vqa_files_score_through_jobs_evaluate(ray_session, chains, tmp_path):
+    """The VQAv2-format questions the demo writes about its drawn pictures, scored by `jobs.evaluate --task vqa`
+    as a user runs it on VQAv2 (the image pattern of the drawn files): every question answered, each accuracy
+    the official rule's for its prediction, one metric per question kind."""
+    from app.demo.assets import _write_images, write_vqa
+    from app.demo.shapes import scene_captions
+    from jobs import evaluate
+
+    drawn = scene_captions(4, captions_per_image=2, seed=7)
+    _write_images(tmp_path / "images" / "val", drawn)
+    paths = write_vqa(tmp_path, "val", [s for s, _ in drawn], [c for _, c in drawn], seed=0)
+    code = evaluate.main(["--task", "vqa", "--checkpoint", chains["opt"]["stage2"]["checkpoint"],
+                          "--questions", paths["vqa_val_questions"], "--annotations", paths["vqa_val_annotations"],
+                          "--images", paths["vqa_val_images"], "--image-pattern", "{image_id:06d}.png",
+                          "--out", str(tmp_path / "out"), "--summary", str(tmp_path / "summary.json"), "--no-mlflow",
+                          "--num-actors", "1"])
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    asked = json.loads(Path(paths["vqa_val_annotations"]).read_text())["annotations"]
+    assert summary["metrics"]["questions"] == len(asked) == 12 and summary["images_skipped"] == 0
+    per_question = json.loads((tmp_path / "out" / "per_question.json").read_text())
+    for entry in per_question.values():
+        assert entry["accuracy"] == vqa_accuracy(entry["prediction"], entry["answers"])
+    kinds = {a["answer_type"] for a in asked}
+    assert {f"vqa_accuracy_{kind}" for kind in kinds} <= set(summary["metrics"])
+
+
 def test_retrieval_end_to_end_on_a_stage1_checkpoint(ray_session, chains, tmp_path):
     from app.evaluation.inference import InferenceSettings
     from app.evaluation.tasks import EvalRun, EvalSource, evaluate_retrieval_task

@@ -88,8 +88,9 @@ def test_demo_pipeline_then_real_shards_by_overrides_reusing_the_assets_and_stag
         for stage in ("stage1", "stage2"):
             assert ("align_loss" in names[f"{invocation}-{arm}-{stage}"].data.metrics) == (arm == "pformer")
     tags = sorted(r.data.tags.get("stage") for r in names.values())
-    assert tags == ["evaluate", "evaluate", "llm", "llm", "pformer", "qformer", "qformer"]
-    assert all("CIDEr" in r.data.metrics for r in names.values() if r.data.tags.get("stage") == "evaluate")
+    assert tags == ["evaluate"] * 4 + ["llm", "llm", "pformer", "qformer", "qformer"]  # captions and VQA per arm
+    evaluations = [r.data.metrics for r in names.values() if r.data.tags.get("stage") == "evaluate"]
+    assert sum("CIDEr" in m for m in evaluations) == sum("vqa_accuracy" in m for m in evaluations) == 2
     # The parent holds the comparison table and the plot.
     out = Path(demo["outputs"])
     assert {"comparison.png", "comparison.md", "comparison.json", "summary.json"} <= {
@@ -97,9 +98,15 @@ def test_demo_pipeline_then_real_shards_by_overrides_reusing_the_assets_and_stag
     with Image.open(out / "comparison.png") as img:
         assert img.format == "PNG" and img.width > 600
     table = json.loads((out / "comparison.json").read_text())
-    assert [row["arm"] for row in table] == ["pformer", "blip2", "random captions"]
+    assert [row["arm"] for row in table] == ["pformer", "blip2", "random captions", "grammar captions (ceiling)",
+                                             "blind LLM (question only)", "oracle LLM (true caption as text)"]
     for arm in ("pformer", "blip2"):
         assert {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(demo["arms"][arm]["eval"]["metrics"])
+        # Zero-shot VQA on the demo's validation questions (3 per picture), scored per question kind.
+        vqa = demo["arms"][arm]["vqa"]["metrics"]
+        assert vqa["questions"] == 3 * 6 and table[0 if arm == "pformer" else 1]["vqa_accuracy"] == vqa["vqa_accuracy"]
+        assert {"color", "shape"} <= set(demo["arms"][arm]["eval"]["attributes"])
+    assert table[3]["CIDEr"] > 0 and table[4]["vqa_accuracy"] is not None and table[4]["CIDEr"] is None
     # The random-captions row scores the same references with the captions of other images, with every metric
     # the arms have; the table reports the summary's numbers.
     assert set(demo["random_baseline"]) >= {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
@@ -123,7 +130,7 @@ def test_demo_pipeline_then_real_shards_by_overrides_reusing_the_assets_and_stag
     parent = client.get_run(cell["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["stage0_checkpoint"] == stage0
     names = stage_children(client, cell)
-    assert sorted(r.data.tags.get("stage") for r in names.values()) == ["evaluate", "llm", "qformer"]  # no stage 0
+    assert sorted(r.data.tags.get("stage") for r in names.values()) == ["evaluate", "evaluate", "llm", "qformer"]  # no stage 0
     for stage in ("stage1", "stage2"):
         run = names[f"{cell['invocation']}-pformer-{stage}"]
         assert run.data.params["data.train_pictures"] == "8" and run.data.params["data.train"] == str(flickr_shards)

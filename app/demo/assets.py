@@ -11,7 +11,8 @@ from typing import Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.demo.shapes import corpus, draw, image_text_pairs, novel_scene_captions, paraphrase_corpus, scene_captions, scene_key
+from app.demo.questions import reading_corpus, vqa_files
+from app.demo.shapes import corpus, draw, novel_scene_captions, scene_captions, scene_key
 from app.demo.vision import pretrain_demo_vision
 from app.models.tiny import build_tiny_vision, prepare_tiny_models
 
@@ -22,23 +23,33 @@ DEMO_VISION_PATCH = 8
 READY = "READY.json"
 
 
-def _write_images(folder: Path, pairs) -> Path:
+def _write_images(folder: Path, drawn: list[tuple[dict, list[str]]]) -> Path:
+    """Each (scene, captions) drawn as `<folder>/<index:06d>.png`, with `captions.json` (what the shard writer
+    reads) and `scenes.json` (each file's scene: what the demo's diagnostics score captions and answers against)."""
     folder.mkdir(parents=True, exist_ok=True)
-    captions = {}
-    for i, (image, texts) in enumerate(pairs):
+    captions, scenes = {}, {}
+    for i, (scene, texts) in enumerate(drawn):
         name = f"{i:06d}.png"
-        image.save(folder / name)
+        draw(scene).save(folder / name)
         captions[name] = texts
+        scenes[name] = scene
+    (folder / "scenes.json").write_text(json.dumps(scenes))
     path = folder / "captions.json"
     path.write_text(json.dumps(captions, indent=0))
     return path
 
 
-def prepare_image_assets(root: Path, num_train: int, num_val: int, seed: int, vision_steps: int = 800) -> dict[str, str]:
+def load_scenes(folder: str | Path) -> dict[str, dict]:
+    """{sample key ("000123", as the shards and the evaluation name a picture): scene} of a drawn split."""
+    data = json.loads((Path(folder) / "scenes.json").read_text())
+    return {Path(name).stem: scene for name, scene in data.items()}
+
+
+def prepare_image_assets(root: Path, num_train: int, num_val: int, seed: int, vision_steps: int = 1000) -> dict[str, str]:
     """`<root>/images/{train,val}` (PNG + captions.json), `<root>/shards/{train,val}`, `<root>/models/vision`
     (pre-trained on other drawn scenes for `vision_steps` steps; 0 keeps it random)."""
     settings = {"num_train": num_train, "num_val": num_val, "seed": seed, "size": IMAGE_SIZE,
-                "vision": DEMO_VISION_SIZE, "patch": DEMO_VISION_PATCH, "vision_steps": vision_steps, "version": 2}
+                "vision": DEMO_VISION_SIZE, "patch": DEMO_VISION_PATCH, "vision_steps": vision_steps, "version": 3}
     paths = {"train": str(root / "shards" / "train"), "val": str(root / "shards" / "val"),
              "vision": str(root / "models" / "vision")}
     ready = root / "shards" / READY
@@ -55,7 +66,7 @@ def prepare_image_assets(root: Path, num_train: int, num_val: int, seed: int, vi
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         for split, count, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1)):
-            listing = _write_images(root / "images" / split, image_text_pairs(count, seed=split_seed))
+            listing = _write_images(root / "images" / split, scene_captions(count, seed=split_seed))
             make_shards(str(listing.parent), load_captions_json(listing), paths[split], shard_size=500,
                         per="caption" if split == "train" else "file")
     finally:
@@ -66,7 +77,11 @@ def prepare_image_assets(root: Path, num_train: int, num_val: int, seed: int, vi
     if vision_steps:
         print(f"[demo] pre-training the tiny image encoder on drawn scenes ({vision_steps} steps)", flush=True)
         accuracy = pretrain_demo_vision(paths["vision"], draw_size=IMAGE_SIZE, steps=vision_steps, seed=seed)
-        print(f"[demo] image encoder held-out accuracy: {accuracy}", flush=True)
+        folded: dict[str, list[float]] = {}
+        for name, value in accuracy.items():  # per-position labels folded by attribute (their lowest)
+            folded.setdefault(name.split("@")[0].replace("occupied", "position"), []).append(value)
+        print("[demo] image encoder held-out accuracy (its pre-training heads, lowest position): "
+              + ", ".join(f"{k} {min(v):.3f}" for k, v in folded.items()), flush=True)
     ready.write_text(json.dumps(settings))
     return paths
 
@@ -83,9 +98,9 @@ def prepare_test_pictures(root: Path, num_test: int, test_seed: int, num_train: 
     out = root / "shards" / "test"
     ready = root / "shards" / "READY_test.json"
     settings = {"num_test": num_test, "test_seed": test_seed, "num_train": num_train, "num_val": num_val,
-                "seed": seed, "captions": TEST_CAPTIONS, "size": IMAGE_SIZE, "version": 1}
+                "seed": seed, "captions": TEST_CAPTIONS, "size": IMAGE_SIZE, "version": 2}
     if ready.exists() and json.loads(ready.read_text()).get("settings") == settings:
-        return {"test": str(out)}
+        return {"test": str(out), **vqa_paths(root, "test")}
     exclude = {scene_key(scene) for scene, _ in scene_captions(num_train, seed=seed)}
     exclude |= {scene_key(scene) for scene, _ in scene_captions(num_val, seed=seed + 1)}
     drawn, dropped = novel_scene_captions(num_test, exclude, TEST_CAPTIONS, seed=test_seed)
@@ -99,18 +114,44 @@ def prepare_test_pictures(root: Path, num_test: int, test_seed: int, num_train: 
     if started:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        listing = _write_images(root / "images" / "test", [(draw(scene), texts) for scene, texts in drawn])
+        listing = _write_images(root / "images" / "test", drawn)
         make_shards(str(listing.parent), load_captions_json(listing), str(out), shard_size=500, per="file")
     finally:
         if started:
             ray.shutdown()
     two = sum(len(scene["objects"]) == 2 for scene, _ in drawn)
+    vqa = write_vqa(root, "test", [scene for scene, _ in drawn], [texts for _, texts in drawn], test_seed)
     ready.write_text(json.dumps({"settings": settings, "dropped": dropped, "kept": num_test,
                                  "excluded_scenes": len(exclude), "two_object_pictures": two}))
-    return {"test": str(out)}
+    return {"test": str(out), **vqa}
 
 
-DEMO_LLM_STEPS = {"opt": 1000, "t5": 1500}
+VQA_PER_PICTURE = 3  # questions per picture, drawn from every question the scene allows
+VQA_IMAGE_PATTERN = "{image_id:06d}.png"  # the drawn pictures' file names under images/<split>
+
+
+def vqa_paths(root: Path, split: str) -> dict[str, str]:
+    folder = root / "vqa"
+    return {f"vqa_{split}_questions": str(folder / f"{split}_questions.json"),
+            f"vqa_{split}_annotations": str(folder / f"{split}_annotations.json"),
+            f"vqa_{split}_images": str(root / "images" / split)}
+
+
+def write_vqa(root: Path, split: str, scenes: list[dict], captions: list[list[str]], seed: int) -> dict[str, str]:
+    """`<root>/vqa/<split>_{questions,annotations}.json`: VQAv2-format questions about the pictures of
+    `images/<split>` (image id = file number), VQA_PER_PICTURE each, with ten answers and the reference
+    caption that says the answer (for the text-only oracle). Written only when their content changes."""
+    questions, annotations = vqa_files(scenes, split, VQA_PER_PICTURE, seed, captions)
+    paths = vqa_paths(root, split)
+    for key, content in ((f"vqa_{split}_questions", questions), (f"vqa_{split}_annotations", annotations)):
+        path, text = Path(paths[key]), json.dumps(content)
+        if not path.exists() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    return paths
+
+
+DEMO_LLM_STEPS = {"opt": 1500, "t5": 1500}
 
 
 class DemoAssets(BaseModel):
@@ -122,11 +163,11 @@ class DemoAssets(BaseModel):
     num_lines: int = Field(50_000, ge=100, description="Caption lines of the text corpus (stage 0 and the tiny LLM).")
     num_train_images: int = Field(2000, ge=8, description="Drawn training pictures (2 captions each).")
     num_val_images: int = Field(200, ge=4, description="Drawn validation pictures (2 captions each).")
-    vision_steps: int = Field(800, ge=0, description="Pre-training steps of the tiny image encoder (0: random).")
+    vision_steps: int = Field(1000, ge=0, description="Pre-training steps of the tiny image encoder (0: random).")
     llms: list[Literal["opt", "t5"]] = Field(default_factory=lambda: ["opt"], min_length=1,
                                              description="Tiny LLMs to prepare (t5 takes a few minutes).")
     llm_steps: Optional[int] = Field(None, ge=0, description="Language-modelling steps of each tiny LLM "
-                                                             "(default: opt 1000, t5 1500; fewer for wiring checks).")
+                                                             "(default: 1500 each; fewer for wiring checks).")
     num_test_images: int = Field(0, ge=0, description="Held-out test pictures (shards/test; 0: none), each "
                                                        "with a scene in neither the training nor the validation pictures.")
     test_seed: int = Field(1000, description="Seed of the test pictures' drawing (the training pictures use `seed`, "
@@ -142,7 +183,7 @@ def asset_fingerprint(root: str | Path) -> dict[str, float]:
 
 def prepare_demo_assets(root: str | Path = DEFAULT_ROOT, num_lines: int = 50_000, num_train_images: int = 2000,
                         num_val_images: int = 200, seed: int = 0, llms: Sequence[str] = ("opt",),
-                        vision_steps: int = 800, num_test_images: int = 0, test_seed: int = 1000,
+                        vision_steps: int = 1000, num_test_images: int = 0, test_seed: int = 1000,
                         llm_steps: Optional[int] = None) -> dict[str, str]:
     """`<root>/text/corpus.txt`, `<root>/models/{bert,vision}` + one folder per tiny LLM in `llms` (opt: a
     few seconds; t5: a few minutes, it needs more steps to learn to read its encoder) and
@@ -156,12 +197,17 @@ def prepare_demo_assets(root: str | Path = DEFAULT_ROOT, num_lines: int = 50_000
     if not text_path.exists() or text_path.read_text() != content:
         text_path.parent.mkdir(parents=True, exist_ok=True)
         text_path.write_text(content)
-    # The tiny OPT learns from captions and caption-paraphrase pairs: without the pairs it barely reads a
-    # soft prompt, and stage 2 converges to one caption for every picture.
+    # The tiny OPT learns from captions, caption-paraphrase pairs and questions about a caption with their
+    # short answers: without the pairs it barely reads a soft prompt (stage 2 converges to one caption for
+    # every picture); without the questions it has no skill for zero-shot VQA to carry over.
     lm_steps = DEMO_LLM_STEPS if llm_steps is None else dict.fromkeys(DEMO_LLM_STEPS, llm_steps)
+    reading = reading_corpus(num_lines, seed + 7, separator="</s>")
     models = prepare_tiny_models(root / "models", lines, seed=seed, bert_vocab=500, llm_vocab=500, llms=tuple(llms),
-                                 lm_steps=lm_steps, lm_lines=paraphrase_corpus(num_lines, seed + 7), lm_max_len=64)
+                                 lm_steps=lm_steps, lm_lines=reading, lm_max_len=64,
+                                 llm_tokenizer_lines=[line.replace("</s>", "") for line in reading], lm_one_cycle=True)
     images = prepare_image_assets(root, num_train_images, num_val_images, seed, vision_steps)
+    images.update(write_vqa(root, "val", [scene for scene, _ in scene_captions(num_val_images, seed=seed + 1)],
+                            [texts for _, texts in scene_captions(num_val_images, seed=seed + 1)], seed))
     if num_test_images:
         images.update(prepare_test_pictures(root, num_test_images, test_seed, num_train_images, num_val_images, seed))
     after = asset_fingerprint(root)

@@ -59,31 +59,55 @@ def random_scene(rng: random.Random) -> dict:
 
 
 def caption(scene: dict, rng: random.Random) -> str:
+    return described(scene, rng)[0]
+
+
+def described(scene: dict, rng: random.Random) -> tuple[str, set[str]]:
+    """A caption of the scene and the fields its template names ("color", "shape2", "background", ...):
+    what a reader of the caption alone knows. Draws from `rng` exactly as `caption` does."""
+    import string
+
     first = scene["objects"][0]
     fields = dict(first, background=scene["background"], relation=scene["relation"])
     if len(scene["objects"]) == 1:
-        return rng.choice(ONE_OBJECT).format(**fields)
-    second = scene["objects"][1]
-    fields.update(color2=second["color"], shape2=second["shape"], size2=second["size"], position2=second["position"])
-    return rng.choice(TWO_OBJECTS).format(**fields)
+        template = rng.choice(ONE_OBJECT)
+    else:
+        second = scene["objects"][1]
+        fields.update(color2=second["color"], shape2=second["shape"], size2=second["size"],
+                      position2=second["position"])
+        template = rng.choice(TWO_OBJECTS)
+    named = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+    return template.format(**fields), named
+
+
+VOCABULARY = {"color": COLORS, "shape": SHAPES, "size": SIZES, "position": POSITIONS, "background": BACKGROUNDS,
+              "relation": RELATIONS}
+
+
+def _alternatives(field: str) -> str:
+    import re
+
+    return "|".join(re.escape(v) for v in sorted(VOCABULARY[field.rstrip("2")], key=len, reverse=True))
+
+
+def caption_fields(text: str) -> "set[str] | None":
+    """The fields of the template that wrote `text` (as `described` returns them), or None when no template
+    matches."""
+    import re
+    import string
+
+    for template in (*ONE_OBJECT, *TWO_OBJECTS):
+        pattern = "".join(re.escape(literal) + (f"(?P<{name}>{_alternatives(name)})" if name else "")
+                          for literal, name, _, _ in string.Formatter().parse(template))
+        match = re.fullmatch(pattern, text.strip())
+        if match:
+            return set(match.groupdict())
+    return None
 
 
 def corpus(num_lines: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [caption(random_scene(rng), rng) for _ in range(num_lines)]
-
-
-def paraphrase_corpus(num_lines: int, seed: int = 0, paired_fraction: float = 0.5) -> list[str]:
-    """Lines for the tiny LLM's pre-training: a caption, or (paired_fraction of the time) a caption, a newline
-    and another caption of the same scene. A real LLM continues a text that restates what came before it;
-    this teaches the tiny one the same, so a soft prompt carrying a scene's content can steer it."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(num_lines):
-        scene = random_scene(rng)
-        first = caption(scene, rng)
-        lines.append(f"{first}\n{caption(scene, rng)}" if rng.random() < paired_fraction else first)
-    return lines
 
 
 RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 220, 40),

@@ -91,14 +91,17 @@ def build_tiny_t5(tok: PreTrainedTokenizerFast, d_model: int = 64, layers: int =
 
 
 def pretrain_tiny_lm(model, tok, lines: list[str], steps: int, batch_size: int = 64, lr: float = 3e-3,
-                     max_len: int = 32, seed: int = 0) -> float:
+                     max_len: int = 32, seed: int = 0, one_cycle: bool = False) -> float:
     """A few hundred language-modelling steps on the corpus, so the frozen tiny LLM is a language model
     (a random one ignores its prompt). Decoder-only: next token on caption + newline; encoder-decoder:
-    suffix from prefix (the prefix-LM objective) mixed with copying. Returns the last loss."""
+    suffix from prefix (the prefix-LM objective) mixed with copying. `one_cycle`: a warm-up then annealed
+    learning rate (torch's OneCycleLR peaking at `lr`) instead of a constant one. Returns the last loss."""
     import random
 
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    schedule = (torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=max(1, steps), pct_start=0.1)
+                if one_cycle else None)
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
@@ -120,6 +123,8 @@ def pretrain_tiny_lm(model, tok, lines: list[str], steps: int, batch_size: int =
             loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, labels=labels).loss
         loss.backward()
         optimizer.step()
+        if schedule is not None:
+            schedule.step()
         optimizer.zero_grad()
     model.eval()
     return float(loss.detach())
@@ -136,11 +141,14 @@ def _fingerprint(lines: list[str], settings: dict) -> str:
 def prepare_tiny_models(out_dir: str | Path, lines: Iterable[str], *, seed: int = 0, bert_vocab: int = 2000,
                         llm_vocab: int = 2000, hidden: int = 64, layers: int = 2,
                         lm_steps: dict[str, int] | None = None, llms: tuple[str, ...] = ("opt", "t5"),
-                        lm_lines: Optional[list[str]] = None, lm_max_len: int = 32) -> dict[str, str]:
+                        lm_lines: Optional[list[str]] = None, lm_max_len: int = 32,
+                        llm_tokenizer_lines: Optional[list[str]] = None, lm_one_cycle: bool = False) -> dict[str, str]:
     """Write `bert/` (random) and the LLMs named in `llms`, `opt/` and/or `t5/` (briefly pre-trained on
     `lines`), under out_dir, each with its tokenizer. `lm_lines`: other text for the decoder-only LLM's
     pre-training (e.g. a caption followed by a paraphrase, so it learns to use its context the way a real
-    LLM does). Cached: a second call with the same corpus and settings returns at once."""
+    LLM does). `llm_tokenizer_lines`: more text the LLM tokenizers are trained on besides `lines` (words the
+    pre-training text has and the corpus does not, such as a question template's). Cached: a second call with
+    the same corpus and settings returns at once. `lm_one_cycle`: see `pretrain_tiny_lm`."""
     out = Path(out_dir)
     lines = [line for line in lines if line.strip()]
     # The encoder-decoder needs more steps: only once it can copy does a soft prompt carry information.
@@ -152,6 +160,10 @@ def prepare_tiny_models(out_dir: str | Path, lines: Iterable[str], *, seed: int 
                     lm_steps=lm_steps)
     if lm_lines is not None:
         settings.update(lm_max_len=lm_max_len, lm_lines=_fingerprint(lm_lines, {}))
+    if llm_tokenizer_lines is not None:
+        settings.update(llm_tokenizer_lines=_fingerprint(llm_tokenizer_lines, {}))
+    if lm_one_cycle:
+        settings.update(lm_one_cycle=True)
     fingerprint = _fingerprint(lines, settings)
     ready = out / READY_FILE
     built: list[str] = []
@@ -172,11 +184,13 @@ def prepare_tiny_models(out_dir: str | Path, lines: Iterable[str], *, seed: int 
     for kind, build in (("opt", build_tiny_opt), ("t5", build_tiny_t5)):
         if kind not in wanted:
             continue
-        tok = train_llm_tokenizer(lines, llm_vocab, kind)
+        tok = train_llm_tokenizer(lines + list(llm_tokenizer_lines or []), llm_vocab, kind)
         model = build(tok, hidden, layers)
         if lm_steps.get(kind):
+            print(f"[tiny] pre-training the tiny {kind.upper()}-style LLM ({lm_steps[kind]} steps)", flush=True)
             text = lm_lines if lm_lines is not None and kind == "opt" else lines
-            pretrain_tiny_lm(model, tok, text, lm_steps[kind], seed=seed, max_len=lm_max_len if text is lm_lines else 32)
+            pretrain_tiny_lm(model, tok, text, lm_steps[kind], seed=seed, max_len=lm_max_len if text is lm_lines else 32,
+                             one_cycle=lm_one_cycle)
         tok.save_pretrained(paths[kind])
         model.save_pretrained(paths[kind])
     ready.write_text(json.dumps({"fingerprint": fingerprint, **settings, "llms": wanted}))
