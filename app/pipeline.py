@@ -133,6 +133,13 @@ def load_pipeline_config(path: Optional[str], overrides: Optional[list[str]] = N
     except ValidationError as err:
         problems = "; ".join(f"pipeline.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         raise ConfigError(f"invalid pipeline config: {problems}") from None
+    vqa = {k: getattr(section, k) for k in ("vqa_questions", "vqa_annotations", "vqa_images")}
+    if any(vqa.values()) and not all(vqa.values()):
+        missing = ", ".join(f"pipeline.{k}" for k, v in vqa.items() if not v)
+        raise ConfigError(f"zero-shot VQA needs pipeline.vqa_questions, vqa_annotations and vqa_images together "
+                          f"({missing} unset)")
+    if "{}" not in section.vqa_template:
+        raise ConfigError(f"pipeline.vqa_template must contain '{{}}' where the question goes: {section.vqa_template!r}")
     unknown_arms = [a for a in section.arms if a not in ARMS]
     if unknown_arms:
         raise ConfigError(f"pipeline.arms: unknown arm(s) {unknown_arms} (available: {list(ARMS)})")

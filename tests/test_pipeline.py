@@ -24,6 +24,10 @@ def test_bad_pipeline_configs_fail_before_anything_runs():
         load_pipeline_config(DEMO, ["pipeline.arms=[pformer, clip]"])
     with pytest.raises(ConfigError, match="pipeline.num_beams"):
         load_pipeline_config(DEMO, ["pipeline.num_beams=0"])
+    with pytest.raises(ConfigError, match=r"vqa_annotations and vqa_images together \(pipeline.vqa_images unset\)"):
+        load_pipeline_config(DEMO, ["pipeline.vqa_images=null"])
+    with pytest.raises(ConfigError, match="pipeline.vqa_template must contain"):
+        load_pipeline_config(DEMO, ["pipeline.vqa_template=Question"])
     with pytest.raises(ConfigError, match="unknown config key 'demo.num_linez'"):
         load_pipeline_config(DEMO, ["demo.num_linez=3"])
     # Overrides and stage configs share one dotted-key reader, old keys included.
