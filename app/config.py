@@ -124,7 +124,8 @@ class DataSection(_Section):
     preserve_order: bool = Field(
         True, description="Ray Data hands the trainer its rows in the order the (seeded) file order and the read "
                           "give them, not in the order parallel read and preprocessing tasks finish: with one worker "
-                          "(or local mode) a run repeats with its seed. False = whichever block is ready first "
+                          "(or local mode) a run repeats with its seed; with several workers it has no effect "
+                          "(streaming_split's order cannot repeat). False = whichever block is ready first "
                           "(no head-of-line wait; runs then differ in the order of their batches).")
     # image-text shards (stages 1 and 2)
     train: Optional[str] = Field(None, description="Image-text shards (WebDataset .tar or Parquet): folder, glob, or s3:// prefix.")

@@ -100,7 +100,9 @@ def ingest_options(cfg: Config, local: bool):
     if limit is None and (local or oversubscribed_host()):
         limit = max(1.0, (os.cpu_count() or 1) - cfg.scaling.world_size * cfg.scaling.cpus_per_worker)
     options = DataConfig.default_ingest_options()
-    options.preserve_order = cfg.data.preserve_order
+    # With several workers streaming_split hands blocks to whichever worker asks first: the order cannot repeat,
+    # so no worker waits for a block in order.
+    options.preserve_order = cfg.data.preserve_order and cfg.scaling.world_size <= 1
     if limit is not None:
         options.resource_limits = ExecutionResources.for_limits(cpu=limit)
     return options
