@@ -336,6 +336,7 @@ def test_two_workers_gather_across_the_global_batch_and_survive_a_killed_worker(
     import time
 
     import ray.train
+    from app.train.checkpoint import storage_problem
     from conftest import processes_using
 
     every, steps = 4, 30
@@ -353,10 +354,15 @@ def test_two_workers_gather_across_the_global_batch_and_survive_a_killed_worker(
         # after it take a few seconds only, and a kill that came after the last one would restart nothing.
         while len(workers := sorted(worker_pids() - before)) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)  # both ranks, however `ps` shows them at this moment
-        while not (run_dir / f"checkpoint_{every:08d}" / "manifest.json").exists() and time.monotonic() < deadline:
+        # Complete, not just begun: the manifest is written before the files it lists, and a kill while the
+        # tokenizer files were still being written left checkpoint_4 incomplete, so the run rightly started afresh.
+        first = run_dir / f"checkpoint_{every:08d}"
+        while not ((first / "manifest.json").exists() and storage_problem(str(first)) is None) \
+                and time.monotonic() < deadline:
             time.sleep(0.01)
         killed["workers"] = workers
-        killed["newest"] = max(int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*") if (p / "manifest.json").exists())
+        killed["newest"] = max(int(p.name.split("_")[1]) for p in run_dir.glob("checkpoint_*")
+                               if (p / "manifest.json").exists() and storage_problem(str(p)) is None)
         os.kill(workers[-1], signal.SIGKILL)
         killed["pid"] = workers[-1]
 
