@@ -4,6 +4,7 @@ and drawn as the images those captions describe (demo only).
 
 from __future__ import annotations
 
+import functools
 import random
 
 # Attributes a tiny vision tower can tell apart in a 64-pixel picture: well separated colours, silhouettes that
@@ -90,16 +91,22 @@ def _alternatives(field: str) -> str:
     return "|".join(re.escape(v) for v in sorted(VOCABULARY[field.rstrip("2")], key=len, reverse=True))
 
 
-def caption_fields(text: str) -> "set[str] | None":
-    """The fields of the template that wrote `text` (as `described` returns them), or None when no template
-    matches."""
+@functools.lru_cache(maxsize=1)
+def _template_patterns() -> tuple:
+    """Each template as a compiled pattern whose named groups match its fields' vocabulary (built once)."""
     import re
     import string
 
-    for template in (*ONE_OBJECT, *TWO_OBJECTS):
-        pattern = "".join(re.escape(literal) + (f"(?P<{name}>{_alternatives(name)})" if name else "")
-                          for literal, name, _, _ in string.Formatter().parse(template))
-        match = re.fullmatch(pattern, text.strip())
+    return tuple(re.compile("".join(re.escape(literal) + (f"(?P<{name}>{_alternatives(name)})" if name else "")
+                                    for literal, name, _, _ in string.Formatter().parse(template)))
+                 for template in (*ONE_OBJECT, *TWO_OBJECTS))
+
+
+def caption_fields(text: str) -> "set[str] | None":
+    """The fields of the template that wrote `text` (as `described` returns them), or None when no template
+    matches."""
+    for pattern in _template_patterns():
+        match = pattern.fullmatch(text.strip())
         if match:
             return set(match.groupdict())
     return None
